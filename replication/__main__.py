@@ -1,0 +1,3 @@
+from replication.run import main
+
+main()

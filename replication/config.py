@@ -1,0 +1,193 @@
+"""Strict configuration: every config group is checked against a typed schema, so a mistyped or unknown
+key fails with its name instead of being silently ignored (STYLE.md habit 9)."""
+from __future__ import annotations
+
+import enum
+import importlib
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the key and, where known, the allowed values."""
+
+
+class ExperimentKind(str, enum.Enum):
+    # member names are lower case so YAML files can say `kind: ldm` (OmegaConf matches enum names)
+    ldm = "ldm"  # prepare -> autoencoder -> latents -> LDM -> samples -> metrics -> report
+    autoencoder = "autoencoder"  # prepare -> autoencoder -> reconstruction metrics -> report
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast with fp32 master weights
+
+
+STAGES = ("prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample", "evaluate", "report")
+AUTOENCODER_STAGES = ("prepare", "train_autoencoder", "evaluate", "report")
+
+
+@dataclass
+class TrainerConfig:
+    """LDM training loop. Defaults follow the original release (main.py / ddpm.py); see PROTOCOL.md §3."""
+
+    steps: int = 1000
+    batch_size: int = 8  # per process
+    base_lr: float = 2.0e-6
+    scale_lr: bool = True  # original main.py: lr = accumulate * ngpu * batch_size * base_lr
+    accumulate_grad_batches: int = 1
+    weight_decay: float = 0.01  # torch AdamW default, as the original (not stated in the paper)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    grad_clip: Optional[float] = None  # the original does not clip
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last_ckpts: int = 2
+    precision: Precision = Precision.fp32
+    compile: bool = False
+    channels_last: bool = False
+    fused_adam: bool = False
+    gradient_checkpointing: bool = False
+    use_latent_cache: bool = True  # train on cached moments instead of encoding every batch
+    num_workers: int = 0
+    eval_every: int = 0  # >0: FID-vs-train-steps curve points (Fig. 6) every this many steps
+    eval_num_samples: int = 0
+    source: str = ""
+
+
+@dataclass
+class PaperRef:
+    """Keys into reports/paper/results.csv (or autoencoders.csv `name` for autoencoder experiments)."""
+
+    table: Optional[str] = None
+    dataset: Optional[str] = None
+    method: Optional[str] = None
+    name: Optional[str] = None  # autoencoders.csv
+    value: Optional[float] = None  # the headline number, repeated here for humans; the report reads the CSV
+
+
+@dataclass
+class PaperProtocol:
+    """The paper's evaluation settings for this row; the report flags every deviation from them."""
+
+    num_samples: Optional[int] = None
+    sampler: Optional[str] = None
+    steps: Optional[int] = None
+    eta: Optional[float] = None
+    guidance_scale: Optional[float] = None
+    feature_extractor: Optional[str] = None
+    pr_protocol: Optional[str] = None
+    reference_set: Optional[str] = None
+    train_steps: Optional[int] = None
+    ema: Optional[bool] = None
+
+
+@dataclass
+class CurvesConfig:
+    """Extra evaluation series for the report's figures (paper Figs. 6-7)."""
+
+    ddim_steps: list[int] = field(default_factory=list)  # Fig. 7: FID vs DDIM steps and throughput
+    num_samples: int = 0  # samples per curve point (the paper used 5k)
+
+
+@dataclass
+class RootConfig:
+    name: str = "smoke"
+    kind: ExperimentKind = ExperimentKind.ldm
+    seed: int = 0
+    comparable: bool = True  # false for the smoke run: the report marks it "not comparable"
+    not_comparable_reason: Optional[str] = None
+    data_root: str = "data"
+    runs_root: str = "runs"
+    reports_dir: str = "reports"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    force: list[str] = field(default_factory=list)  # stage names to rerun even if up to date, or ["all"]
+    paper: PaperRef = field(default_factory=PaperRef)
+    paper_protocol: PaperProtocol = field(default_factory=PaperProtocol)
+    sample_shard_size: int = 1000  # samples per shard file; resumable sampling redoes only missing shards
+    curves: CurvesConfig = field(default_factory=CurvesConfig)
+    choices: dict[str, str] = field(default_factory=dict)  # config-group choices, recorded for the manifest
+
+
+GROUPS = ("dataset", "autoencoder", "unet", "diffusion", "sampler", "metrics", "trainer")
+
+# group -> "module:function" validating that group against its schema and returning the typed object
+GROUP_VALIDATORS: dict[str, str] = {
+    "dataset": "replication.data.config:validate_dataset_cfg",
+    "autoencoder": "replication.models.autoencoder_config:validate_autoencoder_cfg",
+    "unet": "replication.models.unet_config:validate_unet_cfg",
+    "diffusion": "replication.diffusion.config:validate_diffusion_cfg",
+    "sampler": "replication.diffusion.config:validate_sampler_cfg",
+    "metrics": "replication.metrics.config:validate_metrics_cfg",
+    "trainer": "replication.config:validate_trainer_cfg",
+}
+
+
+def _merge_strict(schema_cls: type, cfg: Any, where: str) -> Any:
+    base = OmegaConf.structured(schema_cls)
+    OmegaConf.set_struct(base, True)
+    try:
+        merged = OmegaConf.merge(base, cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        allowed = ", ".join(f.name for f in fields(schema_cls))
+        raise ConfigError(f"invalid config in '{where}': key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}. "
+                          f"Allowed keys of '{where}': {allowed}") from None
+    return merged
+
+
+def validate_trainer_cfg(cfg: Any) -> TrainerConfig:
+    return OmegaConf.to_object(_merge_strict(TrainerConfig, cfg, "trainer"))
+
+
+def _resolve(spec: str) -> Callable[[Any], Any]:
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def validate_config(cfg: DictConfig) -> dict[str, Any]:
+    """Check the whole composed config; return the typed objects per group plus `root`.
+
+    Raises ConfigError naming the first unknown key or bad value found.
+    """
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    root_keys = {f.name for f in fields(RootConfig)}
+    unknown = [k for k in cfg.keys() if k not in root_keys and k not in GROUPS and k != "hydra"]
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level config key(s): {', '.join(map(str, unknown))}. Allowed: "
+            f"{', '.join(sorted(root_keys | set(GROUPS)))}"
+        )
+    missing = [g for g in GROUPS if g not in cfg]
+    if missing:
+        raise ConfigError(f"config is missing group(s): {', '.join(missing)}")
+    root_part = OmegaConf.create({k: cfg[k] for k in cfg.keys() if k in root_keys})
+    typed: dict[str, Any] = {"root": OmegaConf.to_object(_merge_strict(RootConfig, root_part, "<root>"))}
+    bad_stages = [s for s in typed["root"].stages if s not in STAGES]
+    bad_force = [s for s in typed["root"].force if s not in STAGES and s != "all"]
+    if bad_stages or bad_force:
+        raise ConfigError(f"unknown stage name(s) {bad_stages + bad_force}; allowed: {', '.join(STAGES)} (force also 'all')")
+    for group in GROUPS:
+        try:
+            typed[group] = _resolve(GROUP_VALIDATORS[group])(cfg[group])
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, TypeError, OmegaConfBaseException) as exc:
+            raise ConfigError(f"invalid config in group '{group}': {exc}") from exc
+    return typed
+
+
+def to_container(cfg: Any) -> Any:
+    """Plain dict/list view of a DictConfig or a typed dataclass, with enums as their values."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if hasattr(cfg, "__dataclass_fields__"):
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    return cfg

@@ -1,0 +1,37 @@
+"""`python -m replication.run experiment=NAME [overrides]`: the stages of one experiment, in order.
+
+Each stage is also runnable alone: `python -m replication.stages.<stage> experiment=NAME`.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from omegaconf import DictConfig
+
+from replication.config import AUTOENCODER_STAGES, STAGES, ExperimentKind, validate_config
+from replication.stages.common import hydra_entry
+
+log = logging.getLogger("replication")
+
+
+def stages_for(cfg: DictConfig) -> list[str]:
+    typed = validate_config(cfg)
+    allowed = AUTOENCODER_STAGES if typed["root"].kind == ExperimentKind.autoencoder else STAGES
+    chosen = [s for s in STAGES if s in typed["root"].stages and s in allowed]
+    return chosen
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for stage in stages_for(cfg):
+        module = importlib.import_module(f"replication.stages.{stage}")
+        results[stage] = module.run(cfg)
+    return results
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Where each stage's artifacts live, and how later stages load them. Stages meet only at these files."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from replication.config import to_container
+from replication.training.checkpoint import check_state_dict_fits
+from replication.utils.io import ArtifactError, load_tensors, read_json
+
+AE_WEIGHTS = "train_autoencoder/model.safetensors"
+AE_META = "train_autoencoder/meta.json"
+LATENTS_DIR = "encode_latents"
+LDM_EMA = "train_ldm/ema.safetensors"
+LDM_RAW = "train_ldm/model.safetensors"
+LDM_META = "train_ldm/meta.json"
+LDM_STATE_DIR = "train_ldm/state"
+LDM_SNAPSHOTS = "train_ldm/snapshots"
+SAMPLES_DIR = "sample/samples"
+CURVES_DIR = "sample/curves"
+METRICS_FILE = "metrics.json"
+RECON_METRICS_FILE = "recon_metrics.json"
+
+
+def build_first_stage(typed: dict[str, Any]) -> torch.nn.Module:
+    from replication.models.autoencoder import build_autoencoder
+
+    return build_autoencoder(typed["autoencoder"])
+
+
+def load_first_stage(run_dir: Path, typed: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    model = build_first_stage(typed)
+    path = run_dir / AE_WEIGHTS
+    if any(True for _ in model.parameters()):
+        if not path.exists():
+            raise ArtifactError(f"autoencoder weights {path} are missing: run the train_autoencoder stage first")
+        state = load_tensors(path)
+        check_state_dict_fits(model, state, f"autoencoder weights {path}")
+        model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def build_unet(typed: dict[str, Any]) -> torch.nn.Module:
+    from replication.models.unet import UNetModel
+
+    kwargs = to_container(typed["unet"])
+    return UNetModel(**kwargs)
+
+
+def load_ldm(run_dir: Path, typed: dict[str, Any], device: torch.device, weights: str | Path | None = None,
+             use_ema: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    unet = build_unet(typed)
+    path = Path(weights) if weights else run_dir / (LDM_EMA if use_ema else LDM_RAW)
+    if not path.exists():
+        raise ArtifactError(f"LDM weights {path} are missing: run the train_ldm stage first")
+    state = load_tensors(path)
+    check_state_dict_fits(unet, state, f"LDM weights {path}")
+    unet.load_state_dict(state)
+    meta = read_json(run_dir / LDM_META)
+    return unet.to(device).eval().requires_grad_(False), meta
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float NCHW -> uint8 NCHW, rounding as the original's sample export ((x+1)*127.5)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

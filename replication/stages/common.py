@@ -1,0 +1,256 @@
+"""What every stage shares: the run folder, skip-if-up-to-date, the manifest, logging and stats.
+
+A stage is `run(cfg) -> dict` (cfg: the composed Hydra config). `execute` wraps the stage body: it
+validates the config, decides whether the stage is up to date (same config subset and same upstream
+fingerprints as the last successful run, outputs present), and otherwise runs it and records a manifest
+(git commit, package versions, device, seeds, content hashes of inputs) next to its outputs.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from replication.config import GROUPS, to_container, validate_config
+from replication.utils.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_json
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DONE_FILE = "done.json"
+MANIFEST_FILE = "manifest.json"
+PACKAGES = ("torch", "torchvision", "numpy", "hydra-core", "omegaconf", "dvc", "torch-fidelity", "lpips",
+            "safetensors", "pandas", "matplotlib", "replication")
+
+# which config groups / root keys each stage's result depends on (its fingerprint), and its upstream stages
+STAGE_DEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prepare": (("dataset",), ()),
+    "train_autoencoder": (("autoencoder", "seed"), ("prepare",)),
+    "encode_latents": (("trainer.use_latent_cache",), ("prepare", "train_autoencoder")),
+    "train_ldm": (("unet", "diffusion", "trainer", "seed"), ("encode_latents",)),
+    "sample": (("sampler", "seed", "curves"), ("train_ldm",)),
+    "evaluate": (("metrics", "curves", "paper", "paper_protocol", "comparable", "not_comparable_reason"),
+                 ("sample", "train_autoencoder")),
+    "report": ((), ("evaluate",)),
+}
+
+log = logging.getLogger("replication")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: a missing input, a failed check; the message says what to do."""
+
+
+@dataclass
+class StageContext:
+    name: str
+    cfg: DictConfig
+    typed: dict[str, Any]
+    run_dir: Path
+    stage_dir: Path
+    device: torch.device
+    progress: bool
+    inputs: dict[str, str] = field(default_factory=dict)  # path -> sha256, recorded in the manifest
+
+    @property
+    def root(self) -> Any:
+        return self.typed["root"]
+
+    def stats(self, **record: Any) -> None:
+        """Append one record to the stage's append-only stats.jsonl."""
+        record.setdefault("time", time.time())
+        append_jsonl(self.stage_dir / "stats.jsonl", record)
+
+    def stage_path(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def record_input(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if path.is_file():
+            self.inputs[str(path)] = sha256_file(path)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StageError(f"device '{spec}' requested but CUDA is not available; use device=cpu or device=auto")
+    return device
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    return Path(cfg.runs_root) / cfg.name
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    return to_container(value) if isinstance(value, DictConfig) else (OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value)
+
+
+def fingerprint(stage: str, cfg: DictConfig) -> str:
+    keys, upstream = STAGE_DEPS[stage]
+    parts: dict[str, Any] = {"stage": stage, "config": {k: _select(cfg, k) for k in keys}}
+    run_dir = run_dir_for(cfg)
+    for up in upstream:
+        done = run_dir / up / DONE_FILE
+        parts[f"upstream:{up}"] = read_json(done)["fingerprint"] if done.exists() else None
+    return sha256_json(parts)
+
+
+def is_up_to_date(stage: str, cfg: DictConfig) -> bool:
+    done = run_dir_for(cfg) / stage / DONE_FILE
+    if not done.exists():
+        return False
+    record = read_json(done)
+    if record.get("fingerprint") != fingerprint(stage, cfg):
+        return False
+    return all(Path(p).exists() for p in record.get("outputs", []))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return versions
+
+
+def _device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "platform": platform.platform(), "python": sys.version.split()[0],
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _setup_logging(stage_dir: Path) -> logging.Handler:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(stage_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("replication")
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        root.addHandler(console)
+    return handler
+
+
+def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str, Any]]) -> dict[str, Any]:
+    """Run `body` for `stage` unless it is up to date; return its result dict (with `skipped`)."""
+    typed = validate_config(cfg)
+    root = typed["root"]
+    run_dir = run_dir_for(cfg)
+    stage_dir = run_dir / stage
+    forced = "all" in root.force or stage in root.force
+    if not forced and is_up_to_date(stage, cfg):
+        result = dict(read_json(stage_dir / DONE_FILE).get("result", {}))
+        result["skipped"] = True
+        log.info("stage %s of %s is up to date; skipped (force=[%s] reruns it)", stage, root.name, stage)
+        return result
+    handler = _setup_logging(stage_dir)
+    device = resolve_device(root.device)
+    ctx = StageContext(name=stage, cfg=cfg, typed=typed, run_dir=run_dir, stage_dir=stage_dir, device=device,
+                       progress=root.progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    started = time.time()
+    log.info("stage %s of %s: start (device %s)", stage, root.name, device)
+    try:
+        result = body(ctx)
+    finally:
+        logging.getLogger("replication").removeHandler(handler)
+        handler.close()
+    elapsed = time.time() - started
+    outputs = [str(p) for p in result.pop("outputs", [])]
+    manifest = {
+        "stage": stage,
+        "experiment": root.name,
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "seconds": round(elapsed, 3),
+        "git_commit": _git_commit(),
+        "packages": _package_versions(),
+        "device": _device_info(device),
+        "seeds": {"seed": root.seed, "sampler_seed": _select(cfg, "sampler.seed")},
+        "inputs": ctx.inputs,
+        "outputs": outputs,
+        "config_choices": dict(root.choices),
+        "config": {k: _select(cfg, k) for k in STAGE_DEPS[stage][0]},
+        "argv": sys.argv,
+    }
+    atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
+    atomic_write_json(stage_dir / DONE_FILE, {"fingerprint": fingerprint(stage, cfg), "outputs": outputs,
+                                              "result": result})
+    ctx.stats(event="stage_done", seconds=elapsed)
+    log.info("stage %s of %s: done in %.1f s", stage, root.name, elapsed)
+    result["skipped"] = False
+    result["seconds"] = elapsed
+    return result
+
+
+def compose(overrides: Iterable[str] = ()) -> DictConfig:
+    """Compose the config as the command line would (for notebooks and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def hydra_entry(run: Callable[[DictConfig], dict[str, Any]]) -> Callable[[], None]:
+    """A thin `@hydra.main` wrapper around `run(cfg)` (lightning-hydra-template habit)."""
+    import hydra
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+    def _main(cfg: DictConfig) -> None:
+        _record_choices(cfg)
+        result = run(cfg)
+        print(json_summary(result))
+
+    return _main
+
+
+def _record_choices(cfg: DictConfig) -> None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    except Exception:  # not inside a Hydra app
+        return
+    with_struct = OmegaConf.is_struct(cfg)
+    OmegaConf.set_struct(cfg, False)
+    cfg.choices = {k: str(v) for k, v in choices.items() if k.split("/")[0] in GROUPS + ("experiment",)}
+    OmegaConf.set_struct(cfg, with_struct)
+
+
+def json_summary(result: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(result, indent=2, sort_keys=True, default=str)

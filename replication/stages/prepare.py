@@ -1,0 +1,35 @@
+"""Stage 1: raw files -> prepared images (download or check, verify, preprocess as the paper, write)."""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from replication.stages.common import StageContext, execute, hydra_entry
+
+STAGE = "prepare"
+
+
+def _body(ctx: StageContext) -> dict[str, Any]:
+    from replication.data.prepare import prepare_dataset, reference_splits
+
+    dataset = ctx.typed["dataset"]
+    result: dict[str, Any] = {"dataset": dataset.name, "splits": {}}
+    outputs = []
+    for split in ["train", *[s for s in reference_splits(dataset) if s != "train"]]:
+        summary = prepare_dataset(dataset, split, progress=ctx.progress)
+        result["splits"][split] = summary
+        outputs.append(summary["path"])
+        ctx.stats(event="prepared", split=split, count=summary["count"], spec_hash=summary["spec_hash"])
+    result["outputs"] = outputs
+    return result
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    return execute(STAGE, cfg, _body)
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()

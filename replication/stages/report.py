@@ -1,0 +1,49 @@
+"""Stage 7: comparison tables and figures against the paper, written to `reports/` from metrics files only."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from replication.stages.artifacts import METRICS_FILE, RECON_METRICS_FILE, SAMPLES_DIR
+from replication.stages.common import StageContext, execute, hydra_entry
+
+STAGE = "report"
+PAPER_DIR = Path(__file__).resolve().parents[2] / "reports" / "paper"
+
+
+def _body(ctx: StageContext) -> dict[str, Any]:
+    from replication.report.build import build_report
+    from replication.report.figures import sample_grid
+
+    root = ctx.root
+    reports = Path(root.reports_dir)
+    outputs: list[Path] = []
+    for name in (METRICS_FILE, RECON_METRICS_FILE):
+        if (ctx.run_dir / name).exists():
+            ctx.record_input(ctx.run_dir / name)
+    samples_dir = ctx.run_dir / SAMPLES_DIR
+    if (samples_dir / "index.json").exists():
+        from replication.stages.sample import load_samples
+
+        samples = load_samples(samples_dir)[:64]
+        grid = reports / "figures" / f"{root.name}_samples.png"
+        title = f"{root.name}: samples" + ("" if root.comparable else " (NOT COMPARABLE: smoke)")
+        sample_grid(np.asarray(samples), grid, nrow=8, title=title)
+        outputs.append(grid)
+    built = build_report(Path(root.runs_root), reports, PAPER_DIR)
+    written = [Path(p) for p in built.get("written", [])]
+    return {"report": str(reports / f"{root.name}.md"), "verdicts": built.get("verdicts", {}),
+            "written": [str(p) for p in written], "outputs": outputs + [p for p in written if p.exists()]}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    return execute(STAGE, cfg, _body)
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()

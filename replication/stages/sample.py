@@ -1,0 +1,169 @@
+"""Stage 5: samples from the trained LDM (paper Sec. 4; DDIM [84] with the original's step spacing).
+
+Samples are written in shards of `sample_shard_size`; sample i always uses seed `sampler.seed + i`
+(per-sample streams), so a killed job, rerun, makes only the missing shards and the final set equals an
+uninterrupted run whatever the batch size or number of processes.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from replication.stages.artifacts import (CURVES_DIR, LDM_EMA, LDM_SNAPSHOTS, SAMPLES_DIR, load_first_stage, load_ldm,
+                                          to_uint8)
+from replication.stages.common import StageContext, StageError, execute, hydra_entry
+from replication.utils.io import atomic_path, atomic_write_json, check_free_space, read_json
+from replication.utils.rng import StackedRandomGenerator
+
+STAGE = "sample"
+SHARD_PATTERN = "shard_{:06d}.npy"
+
+
+class Generator:
+    """The whole generative chain as one callable: per-sample noise -> sampler -> decode -> uint8 NHWC."""
+
+    def __init__(self, unet: torch.nn.Module, first_stage: torch.nn.Module, scale_factor: float, typed: dict[str, Any],
+                 device: torch.device):
+        self.unet, self.first_stage, self.scale_factor = unet, first_stage, scale_factor
+        self.typed, self.device = typed, device
+        self.schedule = typed["diffusion"].make_schedule()
+        self.num_classes = typed["unet"].num_classes
+        self.null_class = typed["diffusion"].null_class
+        ucfg = typed["unet"]
+        self.latent_shape = (ucfg.in_channels, ucfg.image_size, ucfg.image_size)  # U-Net image_size = latent size
+
+    def denoiser(self, labels: Optional[torch.Tensor], guidance_scale: float):
+        from replication.diffusion.guidance import classifier_free
+
+        if labels is None:
+            return lambda x, t: self.unet(x, t)
+        model = lambda x, t, y: self.unet(x, t, y=y)  # noqa: E731
+        if self.null_class is None and guidance_scale != 1.0:
+            raise StageError("classifier-free guidance needs diffusion.null_class (1000 for class-conditional ImageNet)")
+        null = torch.full_like(labels, self.null_class if self.null_class is not None else 0)
+        return classifier_free(model, labels, null, guidance_scale)
+
+    @torch.no_grad()
+    def __call__(self, indices: np.ndarray, steps: int, progress: bool = False) -> np.ndarray:
+        from replication.diffusion.ddim import ddim_sample
+        from replication.diffusion.ddpm import ddpm_sample
+        from replication.diffusion.plms import plms_sample
+
+        sampler = self.typed["sampler"]
+        seeds = [sampler.seed + int(i) for i in indices]
+        rng = StackedRandomGenerator(seeds, device=self.device)
+        x_T = rng.randn((len(seeds), *self.latent_shape))
+        labels = None
+        if self.num_classes:
+            labels = torch.as_tensor(indices % self.num_classes, dtype=torch.long, device=self.device)  # balanced classes
+        denoise = self.denoiser(labels, sampler.guidance_scale)
+        kind = str(sampler.kind)
+        if kind == "ddim":
+            z = ddim_sample(denoise, x_T, self.schedule, steps, eta=sampler.eta, rng=rng, spacing=sampler.spacing,
+                            progress=progress)
+        elif kind == "plms":
+            z = plms_sample(denoise, x_T, self.schedule, steps, rng=rng, spacing=sampler.spacing, progress=progress)
+        elif kind == "ddpm":
+            z = ddpm_sample(denoise, x_T, self.schedule, steps, rng=rng, progress=progress)
+        else:
+            raise StageError(f"unknown sampler.kind {kind!r}; allowed: ddim, plms, ddpm")
+        x = self.first_stage.decode(z / self.scale_factor)
+        return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_generator(ctx: StageContext, weights: Optional[Path] = None) -> Generator:
+    unet, meta = load_ldm(ctx.run_dir, ctx.typed, ctx.device, weights=weights)
+    first_stage = load_first_stage(ctx.run_dir, ctx.typed, ctx.device)
+    return Generator(unet, first_stage, float(meta["scale_factor"]), ctx.typed, ctx.device)
+
+
+def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int, shard_size: int, batch_size: int,
+                     progress: bool = True, desc: str = "sample") -> dict[str, Any]:
+    """Write shard_XXXXXX.npy (uint8 NHWC) files; existing complete shards are kept, missing ones made."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_shards = (num_samples + shard_size - 1) // shard_size
+    h = gen.latent_shape[1] * getattr(gen.first_stage, "downsampling_factor", 1)
+    check_free_space(out_dir, num_samples * h * h * 3, "samples")
+    made, seconds = 0, 0.0
+    bar = tqdm(total=num_samples, desc=desc, disable=not progress, dynamic_ncols=True)
+    for shard in range(num_shards):
+        lo, hi = shard * shard_size, min(num_samples, (shard + 1) * shard_size)
+        path = out_dir / SHARD_PATTERN.format(shard)
+        if path.exists() and np.load(path, mmap_mode="r").shape[0] == hi - lo:
+            bar.update(hi - lo)
+            continue
+        parts = []
+        for start in range(lo, hi, batch_size):
+            idx = np.arange(start, min(hi, start + batch_size))
+            t0 = time.perf_counter()
+            parts.append(gen(idx, steps))
+            seconds += time.perf_counter() - t0
+            made += len(idx)
+            bar.update(len(idx))
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.concatenate(parts))
+    bar.close()
+    index = {"num_samples": num_samples, "shard_size": shard_size, "num_shards": num_shards, "steps": steps,
+             "made_now": made, "img_per_s": (made / seconds) if seconds > 0 else None}
+    atomic_write_json(out_dir / "index.json", index)
+    return index
+
+
+def load_samples(out_dir: Path) -> np.ndarray:
+    """All shards of a finished sample folder, in sample order."""
+    index = read_json(out_dir / "index.json")
+    arrays = [np.load(out_dir / SHARD_PATTERN.format(s)) for s in range(index["num_shards"])]
+    return np.concatenate(arrays)[: index["num_samples"]]
+
+
+def _body(ctx: StageContext) -> dict[str, Any]:
+    sampler, root = ctx.typed["sampler"], ctx.root
+    ctx.record_input(ctx.run_dir / LDM_EMA)
+    gen = make_generator(ctx)
+    result: dict[str, Any] = {}
+    main = sample_to_shards(gen, ctx.run_dir / SAMPLES_DIR, sampler.num_samples, sampler.steps, root.sample_shard_size,
+                            sampler.batch_size, ctx.progress, desc=f"sample {sampler.kind} {sampler.steps} steps")
+    result["samples"] = main
+    outputs = [ctx.run_dir / SAMPLES_DIR]
+    ctx.stats(event="sampled", **{k: v for k, v in main.items() if v is not None})
+    # Fig. 7: FID against DDIM steps and against throughput
+    curves = []
+    for steps in root.curves.ddim_steps:
+        d = ctx.run_dir / CURVES_DIR / f"steps_{steps:04d}"
+        info = sample_to_shards(gen, d, root.curves.num_samples, steps, root.sample_shard_size, sampler.batch_size,
+                                ctx.progress, desc=f"curve: {steps} steps")
+        curves.append({"steps": steps, "dir": str(d), "img_per_s": info["img_per_s"]})
+        outputs.append(d)
+    # Fig. 6: FID against training steps, from EMA snapshots written during training
+    snapshots = []
+    snap_dir = ctx.run_dir / LDM_SNAPSHOTS
+    n_eval = ctx.typed["trainer"].eval_num_samples
+    for snap in sorted(snap_dir.glob("step_*.safetensors")) if n_eval > 0 else []:
+        step = int(snap.stem.split("_")[1])
+        snap_gen = make_generator(ctx, weights=snap)
+        d = ctx.run_dir / "sample" / "snapshots" / f"step_{step:09d}"
+        sample_to_shards(snap_gen, d, n_eval, sampler.steps, root.sample_shard_size, sampler.batch_size, ctx.progress,
+                         desc=f"snapshot step {step}")
+        snapshots.append({"train_step": step, "dir": str(d)})
+        outputs.append(d)
+    result["curves"], result["snapshots"] = curves, snapshots
+    atomic_write_json(ctx.stage_dir / "series.json", {"curves": curves, "snapshots": snapshots})
+    result["outputs"] = outputs + [ctx.stage_dir / "series.json"]
+    return result
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    return execute(STAGE, cfg, _body)
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Stage 2: train the first stage (or import released / our own weights when `autoencoder.pretrained` is set)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from replication.config import to_container
+from replication.stages.artifacts import AE_META, AE_WEIGHTS, build_first_stage
+from replication.stages.common import StageContext, StageError, execute, hydra_entry
+from replication.utils.io import atomic_write_json, load_tensors, save_tensors
+
+STAGE = "train_autoencoder"
+
+
+def _import_pretrained(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from replication.models.compvis import load_compvis_checkpoint, split_autoencoder_state
+    from replication.training.checkpoint import check_state_dict_fits
+
+    if path.suffix == ".safetensors":
+        state = load_tensors(path)
+    else:
+        state = split_autoencoder_state(load_compvis_checkpoint(path))
+    check_state_dict_fits(model, state, f"pretrained autoencoder {path}")
+    return state
+
+
+def _body(ctx: StageContext) -> dict[str, Any]:
+    from replication.data.prepare import open_prepared
+
+    ae_cfg = ctx.typed["autoencoder"]
+    model = build_first_stage(ctx.typed)
+    out = ctx.run_dir / AE_WEIGHTS
+    has_params = any(True for _ in model.parameters())
+    result: dict[str, Any] = {"autoencoder": ae_cfg.name, "kind": str(ae_cfg.kind.value)}
+    if not has_params:
+        result["mode"] = "identity (no parameters)"
+    elif ae_cfg.pretrained:
+        path = Path(ae_cfg.pretrained)
+        if not path.exists():
+            raise StageError(f"autoencoder.pretrained={path} does not exist. Download the released weights "
+                             f"(reports/paper/autoencoders.csv, column link_filename) or unset it to train.")
+        ctx.record_input(path)
+        model.load_state_dict(_import_pretrained(path, model))
+        result["mode"] = f"imported {path}"
+    else:
+        from replication.models.losses import build_autoencoder_loss
+        from replication.training.ae_trainer import train_autoencoder_loop
+        from replication.data.prepared import to_model_input
+
+        images = open_prepared(ctx.typed["dataset"], "train")
+        ctx.record_input(images.card_path)
+        train = ae_cfg.train
+        model = model.to(ctx.device)
+        loss_fn = build_autoencoder_loss(ae_cfg).to(ctx.device)
+        lr = train.base_lr * (train.batch_size * train.accumulate_grad_batches if train.scale_lr else 1)
+
+        def images_fn(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            batch = images.get_batch(indices.numpy())
+            flip = ctx.typed["dataset"].flip_train
+            x = to_model_input(batch)
+            if flip:
+                mask = torch.rand(x.shape[0], generator=generator) < 0.5
+                x[mask] = x[mask].flip(-1)
+            return x
+
+        summary = train_autoencoder_loop(
+            model, loss_fn, images_fn, len(images), train.steps, train.batch_size, lr, tuple(train.adam_betas),
+            ctx.root.seed, ctx.stage_dir / "state", ctx.stats, ctx.device, train.log_every, train.ckpt_every,
+            progress=ctx.progress)
+        result.update(mode="trained", steps=summary["step"], last_loss=summary["last_loss"], lr=lr,
+                      perceptual=getattr(loss_fn, "lpips_backbone", "n/a"))
+    if has_params:
+        save_tensors(out, model.state_dict(), metadata={"autoencoder": ae_cfg.name})
+    atomic_write_json(ctx.run_dir / AE_META, {"config": to_container(ae_cfg), **result})
+    result["outputs"] = [ctx.run_dir / AE_META] + ([out] if has_params else [])
+    return result
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    return execute(STAGE, cfg, _body)
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Stage 4: train the latent diffusion U-Net on cached latents (paper Sec. 3.3, Eq. 2)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from replication.config import Precision, to_container
+from replication.stages.artifacts import (LDM_EMA, LDM_META, LDM_RAW, LDM_SNAPSHOTS, LDM_STATE_DIR, build_unet,
+                                          load_first_stage)
+from replication.stages.common import StageContext, StageError, execute, hydra_entry
+from replication.utils.io import atomic_write_json, save_tensors
+
+STAGE = "train_ldm"
+
+
+def _latent_source(ctx: StageContext, first_stage: torch.nn.Module):
+    """(num_items, moments_fn(indices, generator) -> moments, labels or None, flip)."""
+    dataset = ctx.typed["dataset"]
+    if ctx.typed["trainer"].use_latent_cache:
+        from replication.data.latents import LatentDataset
+
+        path = ctx.run_dir / "encode_latents" / "train.safetensors"
+        if not path.exists():
+            raise StageError(f"latent cache {path} is missing: run the encode_latents stage first")
+        ctx.record_input(path)
+        cache = LatentDataset(path)
+
+        def moments_fn(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            flip = None
+            if cache.has_flips:  # random h-flip p=0.5 as the original loaders, from the cached flipped copy
+                flip = torch.rand(len(indices), generator=generator) < 0.5
+            return cache.get(indices, flip=flip)
+
+        return len(cache), moments_fn, cache.labels
+    from replication.data.prepare import open_prepared
+    from replication.data.prepared import to_model_input
+
+    images = open_prepared(dataset, "train")
+    ctx.record_input(images.card_path)
+
+    @torch.no_grad()
+    def encode_on_the_fly(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = to_model_input(images.get_batch(indices.numpy()))
+        if dataset.flip_train:
+            mask = torch.rand(x.shape[0], generator=generator) < 0.5
+            x[mask] = x[mask].flip(-1)
+        return first_stage.encode_moments(x.to(ctx.device)).cpu()
+
+    return len(images), encode_on_the_fly, images.labels
+
+
+def _body(ctx: StageContext) -> dict[str, Any]:
+    from replication.diffusion.guidance import drop_condition
+    from replication.diffusion.lr_schedule import effective_lr
+    from replication.models.ema import EMA
+    from replication.training.distributed import init_distributed, local_device
+    from replication.training.ldm_trainer import LoopSettings, train_loop
+
+    typed, trainer, diffusion = ctx.typed, ctx.typed["trainer"], ctx.typed["diffusion"]
+    dist = init_distributed(ctx.device)
+    device = local_device(ctx.device, dist)
+    first_stage = load_first_stage(ctx.run_dir, typed, device)
+    num_items, moments_fn, labels = _latent_source(ctx, first_stage)
+    unet = build_unet(typed).to(device)
+    num_classes = typed["unet"].num_classes
+    if num_classes and labels is None:
+        raise StageError(f"unet.num_classes={num_classes} but dataset '{typed['dataset'].name}' has no class labels")
+    schedule = diffusion.make_schedule().to(device) if hasattr(diffusion.make_schedule(), "to") else diffusion.make_schedule()
+    ema = EMA(unet, decay=trainer.ema_decay) if trainer.use_ema else None
+    lr = effective_lr(trainer.base_lr, trainer.batch_size, dist.world_size, trainer.accumulate_grad_batches,
+                      trainer.scale_lr)
+    if trainer.accumulate_grad_batches != 1:
+        raise StageError("trainer.accumulate_grad_batches > 1 is not implemented yet; raise batch_size or use more processes")
+
+    # scale_by_std (original ddpm.py on_train_batch_start): 1/std of the first batch's latents, fixed for the run
+    extra: dict[str, Any] = {"scale_factor": float(diffusion.scale_factor)}
+
+    def latents(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(moments.shape[0], first_stage.latent_channels, *moments.shape[2:], generator=generator)
+        return first_stage.latent_from_moments(moments.to(device), noise=noise.to(device))
+
+    if diffusion.scale_by_std:
+        from replication.diffusion.objective import scale_by_std_factor
+
+        g = torch.Generator().manual_seed(ctx.root.seed)
+        first = torch.arange(min(trainer.batch_size, num_items))
+        extra["scale_factor"] = float(scale_by_std_factor(latents(moments_fn(first, g), g)))
+        ctx.stats(event="scale_by_std", scale_factor=extra["scale_factor"])
+
+    null_class = diffusion.null_class
+
+    def batch_fn(indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        z = latents(moments_fn(indices, generator), generator) * extra_state_ref["scale_factor"]
+        cond = None
+        if num_classes:
+            cond = labels[indices].long()
+            if diffusion.cond_drop_prob > 0:
+                cond = drop_condition(cond, torch.full_like(cond, null_class), diffusion.cond_drop_prob, generator)
+        return z, cond
+
+    extra_state_ref = extra
+    snapshots = ctx.run_dir / LDM_SNAPSHOTS
+
+    def on_snapshot(step: int) -> None:
+        weights = ema.shadow_module_state(unet) if ema is not None else unet.state_dict()
+        save_tensors(snapshots / f"step_{step:09d}.safetensors", weights, metadata={"step": str(step)})
+
+    settings = LoopSettings(
+        steps=trainer.steps, batch_size=trainer.batch_size, lr=lr, lr_lambda=diffusion.lr_multiplier(),
+        weight_decay=trainer.weight_decay, adam_betas=tuple(trainer.adam_betas), loss_type=diffusion.loss(),
+        grad_clip=trainer.grad_clip, log_every=trainer.log_every, ckpt_every=trainer.ckpt_every,
+        keep_last=trainer.keep_last_ckpts, seed=ctx.root.seed, bf16=trainer.precision == Precision.bf16,
+        channels_last=trainer.channels_last, compile=trainer.compile, fused_adam=trainer.fused_adam,
+        snapshot_every=trainer.eval_every, progress=ctx.progress)
+    summary = train_loop(unet, ema, schedule, batch_fn, num_items, settings, ctx.run_dir / LDM_STATE_DIR, ctx.stats,
+                         device, dist, extra_state=extra, on_snapshot=on_snapshot)
+    if summary["extra_state"]:
+        extra.update(summary["extra_state"])
+    outputs: list[Path] = []
+    if dist.is_main:
+        save_tensors(ctx.run_dir / LDM_RAW, unet.state_dict())
+        ema_weights = ema.shadow_module_state(unet) if ema is not None else unet.state_dict()
+        save_tensors(ctx.run_dir / LDM_EMA, ema_weights)
+        meta = {"scale_factor": extra["scale_factor"], "steps": summary["step"], "lr": lr, "world_size": dist.world_size,
+                "ema": ema is not None, "unet": to_container(typed["unet"]), "diffusion": to_container(diffusion),
+                "num_params": sum(p.numel() for p in unet.parameters())}
+        atomic_write_json(ctx.run_dir / LDM_META, meta)
+        outputs = [ctx.run_dir / LDM_EMA, ctx.run_dir / LDM_RAW, ctx.run_dir / LDM_META]
+    return {"steps": summary["step"], "resumed_from": summary["resumed_from"], "last_loss": summary["last_loss"],
+            "scale_factor": extra["scale_factor"], "lr": lr, "outputs": outputs}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    return execute(STAGE, cfg, _body)
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training loops (autoencoder, LDM) with full-state checkpoints, exact resume and signal handling."""

@@ -1,0 +1,101 @@
+"""First-stage training (paper App. G): reconstruction (L1 + LPIPS) + regulariser (KL or codebook) +
+patch-GAN, generator and discriminator optimised alternately with Adam(0.5, 0.9) as the original."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from replication.training.checkpoint import check_state_dict_fits, load_latest_state, rng_state, save_state, set_rng_state
+from replication.training.ldm_trainer import DataOrder
+from replication.training.signals import Preempted, StopRequested, TrainingDiverged
+
+log = logging.getLogger("replication")
+
+
+def train_autoencoder_loop(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    images_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    num_items: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    betas: tuple[float, float],
+    seed: int,
+    state_dir: Path,
+    stats: Callable[..., None],
+    device: torch.device,
+    log_every: int = 50,
+    ckpt_every: int = 500,
+    keep_last: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    params_g = list(model.parameters()) + [p for n, p in loss_fn.named_parameters() if not n.startswith("discriminator.")
+                                           and p.requires_grad and not n.startswith("perceptual")]
+    params_d = [p for n, p in loss_fn.named_parameters() if n.startswith("discriminator.")]
+    opt_g = torch.optim.Adam(params_g, lr=lr, betas=betas)
+    opt_d = torch.optim.Adam(params_d, lr=lr, betas=betas) if params_d else None
+    order = DataOrder(num_items, batch_size)
+    step = 0
+    state = load_latest_state(state_dir)
+    if state is not None:
+        check_state_dict_fits(model, state["model"], f"autoencoder full-state checkpoint in {state_dir}")
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        opt_g.load_state_dict(state["opt_g"])
+        if opt_d is not None and state.get("opt_d") is not None:
+            opt_d.load_state_dict(state["opt_d"])
+        order.load_state_dict(state["data_order"])
+        set_rng_state(state["rng"], generator)
+        step = int(state["step"])
+        log.info("autoencoder: resumed from step %d", step)
+
+    def full_state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "loss": loss_fn.state_dict(), "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict() if opt_d is not None else None, "step": step,
+                "data_order": order.state_dict(), "rng": rng_state(generator)}
+
+    model.train()
+    loss_fn.train()
+    bar = tqdm(total=steps, initial=step, desc="train autoencoder", disable=not progress, dynamic_ncols=True)
+    last = math.nan
+    with StopRequested() as stop:
+        while step < steps:
+            x = images_fn(order.next(generator), generator).to(device)
+            noise = torch.randn(x.shape[0], model.latent_channels, x.shape[2] // model.downsampling_factor,
+                                x.shape[3] // model.downsampling_factor, generator=generator).to(device)
+            x_rec, aux = model(x, sample_posterior=True, noise=noise)
+            loss_g, logs_g = loss_fn.generator_loss(x, x_rec, aux, step, model.last_layer())
+            if not math.isfinite(float(loss_g)):
+                raise TrainingDiverged(f"autoencoder loss is {float(loss_g)} at step {step + 1}; last good checkpoint kept in {state_dir}")
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            logs = {k: float(v) for k, v in logs_g.items()}
+            if opt_d is not None:
+                loss_d, logs_d = loss_fn.discriminator_loss(x, x_rec.detach(), step)
+                if loss_d.requires_grad:
+                    opt_d.zero_grad(set_to_none=True)
+                    loss_d.backward()
+                    opt_d.step()
+                logs.update({k: float(v) for k, v in logs_d.items()})
+            step += 1
+            last = float(loss_g)
+            bar.update(1)
+            if step % log_every == 0 or step == 1:
+                stats(event="train_autoencoder", step=step, loss=last, **{k: v for k, v in logs.items() if k != "loss"})
+                bar.set_postfix(loss=f"{last:.4f}")
+            if step % ckpt_every == 0 or step == steps:
+                save_state(state_dir, step, full_state(), keep_last)
+            if stop:
+                path = save_state(state_dir, step, full_state(), keep_last)
+                bar.close()
+                raise Preempted(stop.signum, step, str(path))
+    bar.close()
+    return {"step": step, "last_loss": last}

@@ -1,0 +1,191 @@
+"""The latent diffusion training loop (paper Eq. 2: L_LDM = E ||eps - eps_theta(z_t, t)||^p, with z from the
+frozen first stage) with the original's AdamW, EMA and LR rules, and exact resume.
+
+All randomness of a step (data order, posterior noise, t, eps, label dropout) comes from one seeded
+torch.Generator whose state travels in the full-state checkpoint, so a resumed run is bit-identical on
+the CPU to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from replication.diffusion.objective import diffusion_loss, sample_timesteps
+from replication.diffusion.schedule import Schedule
+from replication.training.checkpoint import check_state_dict_fits, load_latest_state, rng_state, save_state, set_rng_state
+from replication.training.distributed import DistInfo, all_reduce_mean
+from replication.training.signals import Preempted, StopRequested, TrainingDiverged
+
+log = logging.getLogger("replication")
+
+# batch_fn(indices, generator) -> (x0 latents already scaled, conditioning tensor or None)
+BatchFn = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    lr_lambda: Callable[[int], float]
+    weight_decay: float
+    adam_betas: tuple[float, float]
+    loss_type: str
+    grad_clip: Optional[float]
+    log_every: int
+    ckpt_every: int
+    keep_last: int
+    seed: int
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    fused_adam: bool = False
+    snapshot_every: int = 0  # write EMA weights every N steps (Fig. 6 curve)
+    progress: bool = True
+
+
+class DataOrder:
+    """Epoch-wise permutations from the loop's generator; the position is part of the resumable state."""
+
+    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world: int = 1):
+        if num_items < batch_size * world:
+            raise ValueError(f"dataset has {num_items} items, fewer than one global batch ({batch_size} x {world})")
+        self.num_items, self.batch_size, self.rank, self.world = num_items, batch_size, rank, world
+        self.epoch, self.position, self.perm = -1, 0, None  # epoch counts permutations drawn
+
+    def next(self, generator: torch.Generator) -> torch.Tensor:
+        global_batch = self.batch_size * self.world
+        if self.perm is None or self.position + global_batch > self.num_items:
+            self.perm = torch.randperm(self.num_items, generator=generator)
+            self.epoch += 1
+            self.position = 0
+        chunk = self.perm[self.position:self.position + global_batch]
+        self.position += global_batch
+        return chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "perm": self.perm}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position, self.perm = state["epoch"], state["position"], state["perm"]
+
+
+def train_loop(
+    model: torch.nn.Module,
+    ema: Any,
+    schedule: Schedule,
+    batch_fn: BatchFn,
+    num_items: int,
+    settings: LoopSettings,
+    state_dir: Path,
+    stats: Callable[..., None],
+    device: torch.device,
+    dist: DistInfo = DistInfo(),
+    extra_state: Optional[dict[str, Any]] = None,
+    on_snapshot: Optional[Callable[[int], None]] = None,
+    stop_after: Optional[int] = None,
+) -> dict[str, Any]:
+    """Train until `settings.steps` (or `stop_after` steps in this call, for tests); resume if a state exists.
+
+    Returns {"step", "resumed_from", "last_loss", "extra_state"}.
+    """
+    generator = torch.Generator().manual_seed(settings.seed * dist.world_size + dist.rank)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.adam_betas,
+                                  weight_decay=settings.weight_decay,
+                                  **({"fused": True} if settings.fused_adam and device.type == "cuda" else {}))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.lr_lambda)
+    order = DataOrder(num_items, settings.batch_size, dist.rank, dist.world_size)
+    step, resumed_from = 0, None
+    state = load_latest_state(state_dir)
+    if state is not None:
+        check_state_dict_fits(model, state["model"], f"full-state checkpoint in {state_dir}")
+        model.load_state_dict(state["model"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        order.load_state_dict(state["data_order"])
+        set_rng_state(state["rng"], generator)
+        step = resumed_from = int(state["step"])
+        extra_state = state.get("extra", extra_state)
+        log.info("resumed from step %d (%s)", step, state_dir)
+
+    forward_model = model
+    if dist.enabled:
+        forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        forward_model = torch.compile(forward_model)
+
+    def denoiser_for(cond: Optional[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            xin = x_t.contiguous(memory_format=torch.channels_last) if settings.channels_last else x_t
+            if cond is None:
+                return forward_model(xin, t)
+            if cond.dtype in (torch.int64, torch.int32):
+                return forward_model(xin, t, y=cond)
+            return forward_model(xin, t, context=cond)
+        return denoise
+
+    def full_state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "data_order": order.state_dict(), "rng": rng_state(generator), "extra": extra_state}
+
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext())
+    last_loss = math.nan
+    target = settings.steps if stop_after is None else min(settings.steps, step + stop_after)
+    bar = tqdm(total=settings.steps, initial=step, desc="train LDM", disable=not (settings.progress and dist.is_main),
+               dynamic_ncols=True)
+    model.train()
+    with StopRequested() as stop:
+        while step < target:
+            indices = order.next(generator)
+            x0, cond = batch_fn(indices, generator)
+            x0 = x0.to(device)
+            if cond is not None:
+                cond = cond.to(device)
+            t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator=generator).to(device)
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            with autocast:
+                loss = diffusion_loss(denoiser_for(cond), x0, schedule, t, noise, settings.loss_type).mean()
+            loss_value = float(all_reduce_mean(loss.detach().float(), dist))
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"loss is {loss_value} at step {step + 1}; stopped. The last good full-state checkpoint in "
+                    f"{state_dir} is untouched: lower the learning rate or check the data, then rerun to resume.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            last_loss = loss_value
+            bar.update(1)
+            if dist.is_main and (step % settings.log_every == 0 or step == 1):
+                stats(event="train", step=step, loss=loss_value, lr=scheduler.get_last_lr()[0], epoch=order.epoch)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            if dist.is_main and settings.snapshot_every and step % settings.snapshot_every == 0 and on_snapshot:
+                on_snapshot(step)
+            if dist.is_main and (step % settings.ckpt_every == 0 or step == settings.steps):
+                save_state(state_dir, step, full_state(), settings.keep_last)
+            if stop:
+                if dist.is_main:
+                    path = save_state(state_dir, step, full_state(), settings.keep_last)
+                    stats(event="preempted", step=step, signal=stop.signum, checkpoint=str(path))
+                    log.warning("signal %s: wrote %s at step %d; rerun the same command to resume", stop.signum, path, step)
+                bar.close()
+                raise Preempted(stop.signum, step, str(state_dir))
+    bar.close()
+    return {"step": step, "resumed_from": resumed_from, "last_loss": last_loss, "extra_state": extra_state}
