@@ -15,6 +15,7 @@ import platform
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -104,7 +105,8 @@ def fingerprint(stage: str, cfg: DictConfig) -> str:
     run_dir = run_dir_for(cfg)
     for up in upstream:
         done = run_dir / up / DONE_FILE
-        parts[f"upstream:{up}"] = read_json(done)["fingerprint"] if done.exists() else None
+        # the upstream's run id changes whenever it really ran, so a forced rerun makes its dependents stale
+        parts[f"upstream:{up}"] = read_json(done).get("run_id") if done.exists() else None
     return sha256_json(parts)
 
 
@@ -206,8 +208,8 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
         "argv": sys.argv,
     }
     atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
-    atomic_write_json(stage_dir / DONE_FILE, {"fingerprint": fingerprint(stage, cfg), "outputs": outputs,
-                                              "result": result})
+    atomic_write_json(stage_dir / DONE_FILE, {"fingerprint": fingerprint(stage, cfg), "run_id": uuid.uuid4().hex,
+                                              "outputs": outputs, "result": result})
     ctx.stats(event="stage_done", seconds=elapsed)
     log.info("stage %s of %s: done in %.1f s", stage, root.name, elapsed)
     result["skipped"] = False

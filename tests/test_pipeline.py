@@ -1,0 +1,121 @@
+"""The spine end to end: `python -m replication.run experiment=smoke`, stage skipping and forced reruns,
+the manifest, and the same chain through `dvc repro` in a temporary copy of the repository."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline_helpers import REPO, env, paths_overrides, run_module
+
+pytestmark = pytest.mark.e2e
+STAGES = ["prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample", "evaluate", "report"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    proc = run_module("replication.run", ["experiment=smoke", *paths_overrides(tmp)])
+    return tmp, proc
+
+
+def test_smoke_run_leaves_grid_metrics_table_and_figure(smoke_run):
+    tmp, _ = smoke_run
+    metrics = json.loads((tmp / "runs" / "smoke" / "metrics.json").read_text())
+    assert metrics["comparable"] is False and metrics["not_comparable_reasons"]
+    fid = metrics["metrics"]["FID"]["value"]
+    assert math.isfinite(fid) and fid >= 0
+    assert metrics["protocol"]["feature_extractor"]  # which extractor was used is recorded
+    table = (tmp / "reports" / "smoke.md").read_text()
+    assert "NOT COMPARABLE" in table.upper()
+    assert "4.02" in table  # placed next to the paper's Table 1 LSUN-Churches row
+    grid = tmp / "reports" / "figures" / "smoke_samples.png"
+    with Image.open(grid) as im:
+        assert im.size[0] >= 64 and im.size[1] >= 64
+    figures = list((tmp / "reports" / "figures").glob("*.png"))
+    assert len(figures) >= 2
+
+
+def test_manifest_records_commit_versions_device_seeds_and_input_hashes(smoke_run):
+    tmp, _ = smoke_run
+    run_dir = tmp / "runs" / "smoke"
+    assert (run_dir / "config.yaml").exists()
+    for stage in STAGES:
+        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        assert manifest["stage"] == stage
+        assert manifest["packages"]["torch"].startswith("2.14.1")
+        assert manifest["device"]["device"] == "cpu"
+        assert manifest["seeds"]["seed"] == 0
+        assert "git_commit" in manifest
+        assert (run_dir / stage / "log.txt").exists()
+        assert (run_dir / stage / "stats.jsonl").exists()
+    inputs = json.loads((run_dir / "train_ldm" / "manifest.json").read_text())["inputs"]
+    assert any(p.endswith("train.safetensors") and len(h) == 64 for p, h in inputs.items())
+    assert json.loads((run_dir / "train_ldm" / "manifest.json").read_text())["config_choices"]["unet"] == "smoke"
+
+
+def test_second_run_skips_every_stage_and_force_reruns(smoke_run):
+    tmp, _ = smoke_run
+    from replication.run import run
+    from replication.stages.common import compose
+
+    overrides = ["experiment=smoke", *paths_overrides(tmp)]
+    results = run(compose(overrides))
+    assert [s for s in STAGES if results[s]["skipped"]] == STAGES
+    # forcing a stage reruns it, and its dependents become stale and rerun too; upstream stays skipped
+    results = run(compose(overrides + ["force=[sample]"]))
+    assert results["train_ldm"]["skipped"] and results["prepare"]["skipped"]
+    assert not results["sample"]["skipped"] and not results["evaluate"]["skipped"] and not results["report"]["skipped"]
+    # a config change of one stage makes exactly that stage and its dependents stale
+    results = run(compose(overrides + ["sampler.num_samples=32"]))
+    assert results["train_ldm"]["skipped"] and not results["sample"]["skipped"]
+
+
+def test_single_stage_entry_point(smoke_run):
+    tmp, _ = smoke_run
+    proc = run_module("replication.stages.report", ["experiment=smoke", *paths_overrides(tmp)])
+    assert '"skipped"' in proc.stdout
+
+
+def test_cfg_job_prints_resolved_config():
+    proc = run_module("replication.run", ["experiment=lsun_churches_ldm8", "--cfg", "job"])
+    assert "name: lsun_churches_ldm8" in proc.stdout and "model_channels: 192" in proc.stdout
+
+
+def test_mistyped_override_fails_with_key_name():
+    proc = run_module("replication.run", ["experiment=smoke", "trainer.stepz=3"], check=False)
+    assert proc.returncode != 0 and "stepz" in (proc.stderr + proc.stdout)
+
+
+def _copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("runs/", "tests/")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def test_dvc_repro_smoke_in_a_copy(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repo(repo)
+    e = env()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=e)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=e)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], cwd=repo, check=True, env=e)
+    proc = subprocess.run(["dvc", "repro", "report@smoke"], cwd=repo, env=e, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (repo / "reports" / "smoke.md").exists()
+    assert (repo / "runs" / "smoke" / "metrics.json").exists()
+    assert (repo / "dvc.lock").exists()
+    shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=e, capture_output=True, text=True)
+    assert shown.returncode == 0 and "FID" in shown.stdout
+    status = subprocess.run(["dvc", "status", "report@smoke"], cwd=repo, env=e, capture_output=True, text=True)
+    assert "changed" not in status.stdout, status.stdout
