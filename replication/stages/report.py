@@ -33,7 +33,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         title = f"{root.name}: samples" + ("" if root.comparable else " (NOT COMPARABLE: smoke)")
         sample_grid(np.asarray(samples), grid, nrow=8, title=title)
         outputs.append(grid)
-    built = build_report(Path(root.runs_root), reports, PAPER_DIR)
+    built = build_report(Path(root.runs_root), reports, PAPER_DIR, grid_images=0)  # the grid is made above
     written = [Path(p) for p in built.get("written", [])]
     return {"report": str(reports / f"{root.name}.md"), "verdicts": built.get("verdicts", {}),
             "written": [str(p) for p in written], "outputs": outputs + [p for p in written if p.exists()]}
