@@ -86,6 +86,19 @@ class PaperProtocol:
     ema: Optional[bool] = None
 
 
+class ConditioningKind(str, enum.Enum):
+    none = "none"  # unconditional (Table 1)
+    class_label = "class_label"  # U-Net `num_classes`: label embedding added to the time embedding
+    class_embed = "class_embed"  # cIN LDMs (cin256, Tab.13): ClassEmbedder -> cross-attention context
+
+
+@dataclass
+class ConditioningConfig:
+    kind: ConditioningKind = ConditioningKind.none
+    num_classes: int = 1000  # real classes; labels drawn for sampling are i % num_classes
+    n_embed_classes: int = 1001  # embedding rows (class_embed); index 1000 = null label (original cin256-v2)
+
+
 @dataclass
 class CurvesConfig:
     """Extra evaluation series for the report's figures (paper Figs. 6-7)."""
@@ -110,6 +123,7 @@ class RootConfig:
     force: list[str] = field(default_factory=list)  # stage names to rerun even if up to date, or ["all"]
     paper: PaperRef = field(default_factory=PaperRef)
     paper_protocol: PaperProtocol = field(default_factory=PaperProtocol)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     sample_shard_size: int = 1000  # samples per shard file; resumable sampling redoes only missing shards
     curves: CurvesConfig = field(default_factory=CurvesConfig)
     choices: dict[str, str] = field(default_factory=dict)  # config-group choices, recorded for the manifest

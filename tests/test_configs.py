@@ -43,7 +43,7 @@ def test_experiment_instantiates_real_objects(name):
     with torch.device("meta"):
         unet = build_unet(typed)
         first = build_first_stage(typed)
-    assert unet.in_channels == first.latent_channels
+    assert typed["unet"].in_channels == first.latent_channels == typed["unet"].out_channels
     schedule = typed["diffusion"].make_schedule()
     assert schedule.num_timesteps == typed["diffusion"].timesteps
 

@@ -43,10 +43,32 @@ def load_first_stage(run_dir: Path, typed: dict[str, Any], device: torch.device)
 
 
 def build_unet(typed: dict[str, Any]) -> torch.nn.Module:
-    from replication.models.unet import UNetModel
+    """The denoiser eps(x, t[, y]); class_embed experiments wrap the U-Net with the original's ClassEmbedder."""
+    from replication.config import ConditioningKind
+    from replication.models.unet_config import build_unet as build_unet_model
 
-    kwargs = to_container(typed["unet"])
-    return UNetModel(**kwargs)
+    unet = build_unet_model(typed["unet"])
+    cond = typed["root"].conditioning
+    if cond.kind == ConditioningKind.class_embed:
+        from replication.models.conditioning import ClassConditionalUNet, ClassEmbedder
+
+        if not typed["unet"].context_dim:
+            raise ArtifactError("conditioning.kind=class_embed needs a U-Net with context_dim (cross-attention)")
+        return ClassConditionalUNet(unet, ClassEmbedder(typed["unet"].context_dim, n_classes=cond.n_embed_classes))
+    return unet
+
+
+def num_label_classes(typed: dict[str, Any]) -> int | None:
+    """How many real classes the denoiser is conditioned on (None: unconditional)."""
+    from replication.config import ConditioningKind
+
+    cond = typed["root"].conditioning
+    if cond.kind == ConditioningKind.none:
+        if typed["unet"].num_classes:
+            raise ArtifactError(f"unet.num_classes={typed['unet'].num_classes} but conditioning.kind=none; "
+                                "set conditioning.kind=class_label")
+        return None
+    return cond.num_classes
 
 
 def load_ldm(run_dir: Path, typed: dict[str, Any], device: torch.device, weights: str | Path | None = None,

@@ -6,6 +6,7 @@ uninterrupted run whatever the batch size or number of processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +17,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from replication.stages.artifacts import (CURVES_DIR, LDM_EMA, LDM_SNAPSHOTS, SAMPLES_DIR, load_first_stage, load_ldm,
-                                          to_uint8)
+                                          num_label_classes, to_uint8)
 from replication.stages.common import StageContext, StageError, execute, hydra_entry
 from replication.utils.io import atomic_path, atomic_write_json, check_free_space, read_json
 from replication.utils.rng import StackedRandomGenerator
@@ -33,7 +34,7 @@ class Generator:
         self.unet, self.first_stage, self.scale_factor = unet, first_stage, scale_factor
         self.typed, self.device = typed, device
         self.schedule = typed["diffusion"].make_schedule()
-        self.num_classes = typed["unet"].num_classes
+        self.num_classes = num_label_classes(typed)
         self.null_class = typed["diffusion"].null_class
         ucfg = typed["unet"]
         self.latent_shape = (ucfg.in_channels, ucfg.image_size, ucfg.image_size)  # U-Net image_size = latent size
@@ -51,29 +52,18 @@ class Generator:
 
     @torch.no_grad()
     def __call__(self, indices: np.ndarray, steps: int, progress: bool = False) -> np.ndarray:
-        from replication.diffusion.ddim import ddim_sample
-        from replication.diffusion.ddpm import ddpm_sample
-        from replication.diffusion.plms import plms_sample
+        from replication.diffusion.config import run_sampler
 
-        sampler = self.typed["sampler"]
+        sampler = dataclasses.replace(self.typed["sampler"], steps=steps)
         seeds = [sampler.seed + int(i) for i in indices]
         rng = StackedRandomGenerator(seeds, device=self.device)
         x_T = rng.randn((len(seeds), *self.latent_shape))
         labels = None
         if self.num_classes:
             labels = torch.as_tensor(indices % self.num_classes, dtype=torch.long, device=self.device)  # balanced classes
-        denoise = self.denoiser(labels, sampler.guidance_scale)
-        kind = str(sampler.kind)
-        if kind == "ddim":
-            z = ddim_sample(denoise, x_T, self.schedule, steps, eta=sampler.eta, rng=rng, spacing=sampler.spacing,
-                            progress=progress)
-        elif kind == "plms":
-            z = plms_sample(denoise, x_T, self.schedule, steps, rng=rng, spacing=sampler.spacing, progress=progress)
-        elif kind == "ddpm":
-            z = ddpm_sample(denoise, x_T, self.schedule, steps, rng=rng, progress=progress)
-        else:
-            raise StageError(f"unknown sampler.kind {kind!r}; allowed: ddim, plms, ddpm")
-        x = self.first_stage.decode(z / self.scale_factor)
+        result = run_sampler(sampler, self.denoiser(labels, sampler.guidance_scale), x_T, self.schedule, rng=rng,
+                             progress=progress)
+        x = self.first_stage.decode(result.x / self.scale_factor)
         return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -15,16 +15,14 @@ from replication.utils.io import atomic_write_json, load_tensors, save_tensors
 STAGE = "train_autoencoder"
 
 
-def _import_pretrained(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from replication.models.compvis import load_compvis_checkpoint, split_autoencoder_state
-    from replication.training.checkpoint import check_state_dict_fits
+def _import_pretrained(path: Path, model: torch.nn.Module) -> None:
+    from replication.models.autoencoder import load_first_stage_state
+    from replication.models.compvis import load_compvis_checkpoint
 
-    if path.suffix == ".safetensors":
-        state = load_tensors(path)
-    else:
-        state = split_autoencoder_state(load_compvis_checkpoint(path))
-    check_state_dict_fits(model, state, f"pretrained autoencoder {path}")
-    return state
+    # our safetensors export, a stand-alone released autoencoder, or the first stage inside a released LDM
+    state = load_tensors(path) if path.suffix == ".safetensors" else load_compvis_checkpoint(path)
+    prefix = "first_stage_model." if any(k.startswith("first_stage_model.") for k in state) else ""
+    load_first_stage_state(model, state, prefix=prefix)
 
 
 def _body(ctx: StageContext) -> dict[str, Any]:
@@ -43,19 +41,20 @@ def _body(ctx: StageContext) -> dict[str, Any]:
             raise StageError(f"autoencoder.pretrained={path} does not exist. Download the released weights "
                              f"(reports/paper/autoencoders.csv, column link_filename) or unset it to train.")
         ctx.record_input(path)
-        model.load_state_dict(_import_pretrained(path, model))
+        _import_pretrained(path, model)
         result["mode"] = f"imported {path}"
     else:
-        from replication.models.losses import build_autoencoder_loss
-        from replication.training.ae_trainer import train_autoencoder_loop
         from replication.data.prepared import to_model_input
+        from replication.models.autoencoder_config import learning_rate
+        from replication.models.losses import AutoencoderLoss
+        from replication.training.ae_trainer import train_autoencoder_loop
 
         images = open_prepared(ctx.typed["dataset"], "train")
         ctx.record_input(images.card_path)
         train = ae_cfg.train
         model = model.to(ctx.device)
-        loss_fn = build_autoencoder_loss(ae_cfg).to(ctx.device)
-        lr = train.base_lr * (train.batch_size * train.accumulate_grad_batches if train.scale_lr else 1)
+        loss_fn = AutoencoderLoss.from_config(ae_cfg.kind, ae_cfg.loss).to(ctx.device)
+        lr = learning_rate(train, 1)
 
         def images_fn(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             batch = images.get_batch(indices.numpy())
@@ -69,7 +68,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         summary = train_autoencoder_loop(
             model, loss_fn, images_fn, len(images), train.steps, train.batch_size, lr, tuple(train.adam_betas),
             ctx.root.seed, ctx.stage_dir / "state", ctx.stats, ctx.device, train.log_every, train.ckpt_every,
-            progress=ctx.progress)
+            progress=ctx.progress, train_logvar=train.train_logvar)
         result.update(mode="trained", steps=summary["step"], last_loss=summary["last_loss"], lr=lr,
                       perceptual=getattr(loss_fn, "lpips_backbone", "n/a"))
     if has_params:

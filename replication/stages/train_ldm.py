@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from replication.config import Precision, to_container
 from replication.stages.artifacts import (LDM_EMA, LDM_META, LDM_RAW, LDM_SNAPSHOTS, LDM_STATE_DIR, build_unet,
-                                          load_first_stage)
+                                          load_first_stage, num_label_classes)
 from replication.stages.common import StageContext, StageError, execute, hydra_entry
 from replication.utils.io import atomic_write_json, save_tensors
 
@@ -65,10 +65,10 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     first_stage = load_first_stage(ctx.run_dir, typed, device)
     num_items, moments_fn, labels = _latent_source(ctx, first_stage)
     unet = build_unet(typed).to(device)
-    num_classes = typed["unet"].num_classes
+    num_classes = num_label_classes(typed)
     if num_classes and labels is None:
         raise StageError(f"unet.num_classes={num_classes} but dataset '{typed['dataset'].name}' has no class labels")
-    schedule = diffusion.make_schedule().to(device) if hasattr(diffusion.make_schedule(), "to") else diffusion.make_schedule()
+    schedule = diffusion.make_schedule()  # float64 tables on the CPU; extract() moves what a step reads
     ema = EMA(unet, decay=trainer.ema_decay) if trainer.use_ema else None
     lr = effective_lr(trainer.base_lr, trainer.batch_size, dist.world_size, trainer.accumulate_grad_batches,
                       trainer.scale_lr)
