@@ -1,0 +1,173 @@
+"""Strict schema of the `dataset` config group (experiments/dataset/*.yaml): where the raw files are, how the
+paper prepared them (PROTOCOL.md §4), which split lists define train/val, and which set is the FID reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Mapping, Optional, Union
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, ValidationError
+
+
+class Family(str, Enum):
+    """Which on-disk format and which original loader a dataset follows."""
+
+    builtin = "builtin"  # tiny synthetic images for the smoke run (no download)
+    lsun = "lsun"  # LSUN LMDB export + ldm/data/lsun.py preprocessing
+    ffhq = "ffhq"  # FFHQ images1024x1024 PNG tree + taming faceshq.py preprocessing
+    celebahq = "celebahq"  # CelebA-HQ PGGAN .npy (or CelebA-HQ-img/*.jpg) + taming faceshq.py
+    imagenet = "imagenet"  # ILSVRC2012 train/val folders + ldm/data/imagenet.py (taming ImagePaths)
+
+
+class Interpolation(str, Enum):
+    """Resize kernel; named after the library call the original loader made."""
+
+    pil_bicubic = "pil_bicubic"  # PIL Image.resize(..., BICUBIC): ldm/data/lsun.py
+    cv2_bilinear = "cv2_bilinear"  # cv2.resize INTER_LINEAR, albumentations' default: taming base.py
+    none = "none"  # images are already at the target resolution (builtin)
+
+
+class OnCorrupt(str, Enum):
+    error = "error"  # stop, naming the file
+    skip = "skip"  # leave it out; the dataset card lists and counts it
+
+
+class FidReference(str, Enum):
+    """Which prepared images the FID reference statistics come from (paper Sec. E.3.1: 'entire training set')."""
+
+    train = "train"
+    val = "val"
+    all = "all"  # train + val
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+
+
+@dataclass
+class DownloadFile:
+    """One file the dataset needs under `root`. With a `url` the download stage fetches it (resumable); without
+    one it must be placed by hand (licence/login). Checksums: null means unknown; the card records the computed
+    value. Never fill in a checksum that was not verified against the published one."""
+
+    name: str = MISSING  # path relative to `root`
+    url: Optional[str] = None
+    sha256: Optional[str] = None
+    md5: Optional[str] = None  # only where the publisher lists MD5 (FFHQ metadata, torchvision's ImageNet table)
+    extract: bool = False  # zip/tar: extract into `root` after verification (safe_extract)
+    # A path under `root` whose presence means the file was already fetched and extracted (skip the download);
+    # when not at that path, a file of the same base name anywhere under `root` counts too.
+    done_marker: Optional[str] = None
+
+
+@dataclass
+class DownloadConfig:
+    files: List[DownloadFile] = field(default_factory=list)
+    # Non-empty: the dataset needs a manual step; `required` lists what must exist under `root`.
+    manual_instructions: str = ""
+    required: List[str] = field(default_factory=list)
+
+
+@dataclass
+class SplitsConfig:
+    """Original split lists (one file name per line, relative to the raw image folder). A list path is looked up
+    under `root`; if absent there, a file with the same base name anywhere under `root` is used."""
+
+    train_list: Optional[str] = None
+    val_list: Optional[str] = None
+    # Without the lists: documented deterministic split (sorted keys; the last `fallback_val_count` go to val).
+    allow_fallback: bool = False
+    fallback_val_count: Optional[int] = None
+
+
+@dataclass
+class BuiltinConfig:
+    num_train: int = 256
+    num_val: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    family: Family = MISSING
+    root: str = MISSING  # raw files
+    prepared_dir: str = MISSING  # prepared/<split>/images.npy + card.json
+    resolution: int = 256
+    interpolation: Interpolation = MISSING
+    flip_train: bool = False  # random horizontal flip p=0.5, training only (applied when reading)
+    # Where inside `root` the images are (LSUN: the *_lmdb folder; FFHQ: images1024x1024; ImageNet: the folder
+    # holding train/ and val/). null: `root` itself.
+    raw_subdir: Optional[str] = None
+    # ImageNet val without synset folders: a text file with "<file name> <wnid>" or one wnid per line.
+    val_labels: Optional[str] = None
+    # ImageNet training crop stored in the prepared set: the original draws a fresh random crop each epoch; a
+    # prepared (and latent-cached) set holds one crop per image, drawn from (crop_seed, image index).
+    crop_seed: int = 0
+    splits: SplitsConfig = field(default_factory=SplitsConfig)
+    fid_reference: FidReference = FidReference.train
+    max_images: Optional[int] = None  # cap per split (null = all)
+    on_corrupt: OnCorrupt = OnCorrupt.error
+    verify_checksums: bool = True  # per-image checksums where the publisher lists them (FFHQ metadata)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    num_workers: int = 2
+    builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
+    source: str = MISSING  # citation: where the data and the preprocessing come from
+
+
+class DatasetConfigError(ValueError):
+    """A dataset config has an unknown, missing, mistyped or inconsistent key."""
+
+
+def validate_dataset_cfg(cfg: Union[Mapping[str, Any], DictConfig, DatasetConfig]) -> DatasetConfig:
+    """Merge `cfg` into the schema; an unknown/missing/mistyped key raises naming the full key."""
+    if isinstance(cfg, DatasetConfig):
+        result = cfg
+    else:
+        schema = OmegaConf.structured(DatasetConfig)
+        try:
+            if isinstance(cfg, DictConfig):
+                # resolve ${data_root} etc. against the full config this node belongs to
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+            merged = OmegaConf.merge(schema, cfg)
+            result = OmegaConf.to_object(merged)
+        except InterpolationResolutionError as exc:
+            raise DatasetConfigError(f"dataset config: cannot resolve an interpolation: {exc}") from exc
+        except ConfigKeyError as exc:
+            raise DatasetConfigError(f"unknown key '{exc.full_key}' in dataset config: {exc.msg}") from exc
+        except MissingMandatoryValue as exc:
+            raise DatasetConfigError(f"missing required key '{exc.full_key}' in dataset config") from exc
+        except ValidationError as exc:
+            raise DatasetConfigError(f"invalid value for '{exc.full_key}' in dataset config: {exc.msg}") from exc
+    _check_consistency(result)
+    return result
+
+
+def _check_consistency(cfg: DatasetConfig) -> None:
+    def fail(msg: str) -> None:
+        raise DatasetConfigError(f"dataset config '{cfg.name}': {msg}")
+
+    if cfg.resolution < 1:
+        fail(f"'resolution' must be positive (got {cfg.resolution})")
+    if cfg.max_images is not None and cfg.max_images < 1:
+        fail(f"'max_images' must be positive or null (got {cfg.max_images})")
+    if cfg.num_workers < 0:
+        fail(f"'num_workers' must be >= 0 (got {cfg.num_workers})")
+    if cfg.family is Family.builtin and cfg.interpolation is not Interpolation.none:
+        fail("family 'builtin' makes images at the target resolution; set interpolation: none")
+    if cfg.family is not Family.builtin and cfg.interpolation is Interpolation.none:
+        fail(f"family '{cfg.family.value}' needs a resize interpolation")
+    if cfg.splits.fallback_val_count is not None and cfg.splits.fallback_val_count < 0:
+        fail(f"'splits.fallback_val_count' must be >= 0 (got {cfg.splits.fallback_val_count})")
+    if cfg.family in (Family.builtin, Family.imagenet):
+        if cfg.splits.train_list or cfg.splits.val_list:
+            fail(f"family '{cfg.family.value}' defines splits by folders; remove 'splits.*_list'")
+    for f in cfg.download.files:
+        for algo, length in (("sha256", 64), ("md5", 32)):
+            value = getattr(f, algo)
+            if value is not None and (len(value) != length or any(c not in "0123456789abcdef" for c in value.lower())):
+                fail(f"download file '{f.name}': '{algo}' must be {length} hex digits or null (got {value!r})")
+        if f.extract and not f.name.endswith((".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+            fail(f"download file '{f.name}' has extract: true but is not a zip/tar archive")
