@@ -146,6 +146,10 @@ GROUP_VALIDATORS: dict[str, str] = {
 def _merge_strict(schema_cls: type, cfg: Any, where: str) -> Any:
     base = OmegaConf.structured(schema_cls)
     OmegaConf.set_struct(base, True)
+    for f in fields(schema_cls):  # free-form dict fields (e.g. `choices`) take any key
+        node = base._get_node(f.name)
+        if isinstance(node, DictConfig) and node._metadata.object_type in (dict, None):
+            OmegaConf.set_struct(node, False)
     try:
         merged = OmegaConf.merge(base, cfg)
     except OmegaConfBaseException as exc:

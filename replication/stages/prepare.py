@@ -11,12 +11,15 @@ STAGE = "prepare"
 
 
 def _body(ctx: StageContext) -> dict[str, Any]:
-    from replication.data.prepare import prepare_dataset, reference_splits
+    from replication.data.prepare import REFERENCE, prepare_dataset, reference_splits
 
     dataset = ctx.typed["dataset"]
     result: dict[str, Any] = {"dataset": dataset.name, "splits": {}}
     outputs = []
-    for split in ["train", *[s for s in reference_splits(dataset) if s != "train"]]:
+    # train (training preprocessing), the splits behind the FID reference set, and the reference set itself
+    # (evaluation preprocessing, no flips; paper Sec. E.3.1 uses the training set)
+    splits = ["train", *[s.value for s in reference_splits(dataset) if s.value != "train"], REFERENCE]
+    for split in splits:
         summary = prepare_dataset(dataset, split, progress=ctx.progress)
         result["splits"][split] = summary
         outputs.append(summary["path"])

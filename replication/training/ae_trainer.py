@@ -34,11 +34,12 @@ def train_autoencoder_loop(
     ckpt_every: int = 500,
     keep_last: int = 2,
     progress: bool = True,
+    train_logvar: bool = False,
 ) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(seed)
-    params_g = list(model.parameters()) + [p for n, p in loss_fn.named_parameters() if not n.startswith("discriminator.")
-                                           and p.requires_grad and not n.startswith("perceptual")]
-    params_d = [p for n, p in loss_fn.named_parameters() if n.startswith("discriminator.")]
+    # the original's generator optimiser holds the autoencoder only (loss.logvar stays at its init, 0)
+    params_g = list(model.parameters()) + ([loss_fn.logvar] if train_logvar and hasattr(loss_fn, "logvar") else [])
+    params_d = list(loss_fn.discriminator_parameters())
     opt_g = torch.optim.Adam(params_g, lr=lr, betas=betas)
     opt_d = torch.optim.Adam(params_d, lr=lr, betas=betas) if params_d else None
     order = DataOrder(num_items, batch_size)
@@ -47,7 +48,7 @@ def train_autoencoder_loop(
     if state is not None:
         check_state_dict_fits(model, state["model"], f"autoencoder full-state checkpoint in {state_dir}")
         model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
+        loss_fn.load_state_dict(state["loss"], strict=False)  # the frozen LPIPS network is not stored
         opt_g.load_state_dict(state["opt_g"])
         if opt_d is not None and state.get("opt_d") is not None:
             opt_d.load_state_dict(state["opt_d"])
@@ -57,7 +58,8 @@ def train_autoencoder_loop(
         log.info("autoencoder: resumed from step %d", step)
 
     def full_state() -> dict[str, Any]:
-        return {"model": model.state_dict(), "loss": loss_fn.state_dict(), "opt_g": opt_g.state_dict(),
+        trainable_loss = {k: v for k, v in loss_fn.state_dict().items() if not k.startswith("perceptual_loss.")}
+        return {"model": model.state_dict(), "loss": trainable_loss, "opt_g": opt_g.state_dict(),
                 "opt_d": opt_d.state_dict() if opt_d is not None else None, "step": step,
                 "data_order": order.state_dict(), "rng": rng_state(generator)}
 

@@ -167,3 +167,15 @@ def check_free_space(path: str | os.PathLike, needed_bytes: int, what: str = "wr
             f"not enough free disk space for {what} at {path}: need {needed_bytes / 2**30:.2f} GiB, "
             f"have {free / 2**30:.2f} GiB"
         )
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of an append-only .jsonl file; a torn last line (killed writer) is ignored."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

@@ -1,0 +1,216 @@
+"""Stage 6: the paper's evaluation protocol (Sec. E.3.1): FID / IS / KID with torch-fidelity's
+inception-v3-compat features against the prepared reference set, precision/recall the ADM way (k = 3),
+bootstrap intervals and FID_inf when N < 50k; reconstruction metrics (Tab. 8) for autoencoder experiments."""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from replication.config import ExperimentKind, to_container
+from replication.stages.artifacts import (AE_WEIGHTS, CURVES_DIR, LDM_META, METRICS_FILE, RECON_METRICS_FILE,
+                                          SAMPLES_DIR, load_first_stage, to_uint8)
+from replication.stages.common import StageContext, execute, hydra_entry
+from replication.utils.io import atomic_write_json, read_json
+
+STAGE = "evaluate"
+SCHEMA_VERSION = 1
+log = logging.getLogger("replication")
+
+
+def build_feature_extractor(ctx: StageContext):
+    """The configured extractor; only where `metrics.allow_standin` is set (smoke) may missing Inception
+    weights fall back to the labelled stand-in, loudly."""
+    from replication.metrics.features import WeightsNotFoundError, build_extractor
+
+    m = ctx.typed["metrics"]
+    weights = m.inception_weights if m.feature_extractor == "inception-v3-compat" else m.vgg16_weights
+    try:
+        return build_extractor(m.feature_extractor, weights, ctx.device, allow_standin=m.allow_standin)
+    except WeightsNotFoundError as exc:
+        if not m.allow_standin:
+            raise
+        log.warning("%s\nFalling back to the STAND-IN feature extractor: numbers are NOT comparable to the paper.", exc)
+        return build_extractor("standin", None, ctx.device, allow_standin=True)
+
+
+def _reference_batches(images_list, batch_size: int) -> Iterator[torch.Tensor]:
+    for images in images_list:
+        for start in range(0, len(images), batch_size):
+            idx = np.arange(start, min(len(images), start + batch_size))
+            yield torch.from_numpy(np.ascontiguousarray(images.get_batch(idx))).permute(0, 3, 1, 2).contiguous()
+
+
+def reference_stats(ctx: StageContext, extractor):
+    """Statistics of the FID reference set, prepared with the training preprocessing; cached by dataset, split,
+    preprocessing hash and extractor."""
+    from replication.data.prepare import REFERENCE, open_prepared
+    from replication.metrics.reference import load_or_compute_reference
+
+    dataset, m = ctx.typed["dataset"], ctx.typed["metrics"]
+    images = open_prepared(dataset, REFERENCE)
+    images_list, spec_hash, splits = [images], images.spec_hash, [dataset.fid_reference.value]
+    ctx.record_input(images.card_path)
+    cache_dir = Path(m.reference_cache_dir)
+    stats = load_or_compute_reference(cache_dir, dataset.name, "+".join(splits), spec_hash, extractor,
+                                      lambda: _reference_batches(images_list, m.batch_size),
+                                      pr_count=m.pr_reference_images, seed=m.seed, progress=ctx.progress)
+    return stats, spec_hash
+
+
+def _features(shard_dir: Path, extractor, batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
+    from replication.metrics.streaming import accumulate, iter_nhwc_shards
+
+    shards = sorted(shard_dir.glob("shard_*.npy"))
+    total = read_json(shard_dir / "index.json")["num_samples"]
+    return accumulate(iter_nhwc_shards(shards, batch_size), extractor, progress=progress, total=total)
+
+
+def _fid(feats: dict[str, torch.Tensor], ref) -> float:
+    from replication.metrics.features import POOL
+    from replication.metrics.fid import fid_features_to_stats
+
+    return float(fid_features_to_stats(feats[POOL], ref.mu, ref.sigma))
+
+
+def _steps_run(ctx: StageContext, steps: int) -> int:
+    from replication.diffusion.ddim import ddim_timesteps
+
+    s = ctx.typed["sampler"]
+    if str(s.kind) in ("ddim", "plms"):
+        return int(len(ddim_timesteps(steps, ctx.typed["diffusion"].timesteps, s.spacing)))
+    return steps
+
+
+def _paper_protocol(ctx: StageContext) -> dict[str, Any]:
+    return {k: v for k, v in to_container(ctx.root.paper_protocol).items() if v is not None}
+
+
+def _paper_ref(ctx: StageContext) -> Optional[dict[str, Any]]:
+    ref = {k: v for k, v in to_container(ctx.root.paper).items() if v is not None and k != "value"}
+    return ref or None
+
+
+def _reasons(ctx: StageContext, extra: list[str]) -> list[str]:
+    reasons = list(extra)
+    if not ctx.root.comparable:
+        reasons.insert(0, ctx.root.not_comparable_reason or "experiment marked not comparable")
+    return reasons
+
+
+def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
+    from replication.metrics.evaluate import evaluate_samples
+
+    m, sampler, trainer = ctx.typed["metrics"], ctx.typed["sampler"], ctx.typed["trainer"]
+    extractor = build_feature_extractor(ctx)
+    ref, spec_hash = reference_stats(ctx, extractor)
+    samples_dir = ctx.run_dir / SAMPLES_DIR
+    ctx.record_input(samples_dir / "index.json")
+    feats = _features(samples_dir, extractor, m.batch_size, ctx.progress)
+    res = evaluate_samples(feats, ref, m, extractor, spec_hash, progress=ctx.progress)
+    ldm_meta = read_json(ctx.run_dir / LDM_META)
+    series = read_json(ctx.run_dir / "sample" / "series.json")
+    index = read_json(samples_dir / "index.json")
+    curves: dict[str, list[dict[str, Any]]] = {"fid_vs_ddim_steps": [], "fid_vs_train_steps": [], "train_loss": []}
+    for c in series["curves"]:
+        curves["fid_vs_ddim_steps"].append({"steps": c["steps"], "FID": _fid(_features(Path(c["dir"]), extractor, m.batch_size, False), ref),
+                                            "samples_per_s": c["img_per_s"]})
+    for s in series["snapshots"]:
+        curves["fid_vs_train_steps"].append({"train_step": s["train_step"],
+                                             "FID": _fid(_features(Path(s["dir"]), extractor, m.batch_size, False), ref)})
+    stats_file = ctx.run_dir / "train_ldm" / "stats.jsonl"
+    if stats_file.exists():
+        from replication.utils.io import read_jsonl
+
+        curves["train_loss"] = [{"step": r["step"], "loss": r["loss"]} for r in read_jsonl(stats_file) if r.get("event") == "train"]
+    protocol = {**res["protocol"], "sampler": str(sampler.kind), "steps": sampler.steps,
+                "steps_run": _steps_run(ctx, sampler.steps), "eta": sampler.eta, "ddim_spacing": sampler.spacing,
+                "guidance_scale": sampler.guidance_scale if ctx.root.conditioning.kind.value != "none" else None,
+                "ema": bool(ldm_meta.get("ema")), "train_steps": ldm_meta.get("steps"),
+                "autoencoder": ctx.typed["autoencoder"].name, "scale_factor": ldm_meta.get("scale_factor"),
+                "sample_seed": sampler.seed, "notes": res["notes"]}
+    reasons = _reasons(ctx, res["not_comparable_reasons"])
+    metrics = {"schema_version": SCHEMA_VERSION, "experiment": ctx.root.name,
+               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "comparable": not reasons,
+               "not_comparable_reasons": reasons, "paper": _paper_ref(ctx), "metrics": res["metrics"],
+               "fid_extrapolated_infinity": res["fid_extrapolated_infinity"], "protocol": protocol,
+               "paper_protocol": _paper_protocol(ctx), "curves": curves,
+               "throughput": {"sampling_img_per_s": index.get("img_per_s"), "device": str(ctx.device)}}
+    return metrics
+
+
+def _evaluate_autoencoder(ctx: StageContext) -> dict[str, Any]:
+    from replication.data.prepare import REFERENCE, open_prepared
+    from replication.data.prepared import to_model_input
+    from replication.metrics.evaluate import evaluate_reconstructions
+    from replication.metrics.reconstruction import ReconstructionAccumulator
+    from replication.metrics.streaming import FeatureAccumulator
+
+    m, dataset = ctx.typed["metrics"], ctx.typed["dataset"]
+    extractor = build_feature_extractor(ctx)
+    split = REFERENCE  # Tab. 8 evaluates on ImageNet-val: the dataset config names the split (fid_reference)
+    images = open_prepared(dataset, split)
+    ctx.record_input(images.card_path)
+    if (ctx.run_dir / AE_WEIGHTS).exists():
+        ctx.record_input(ctx.run_dir / AE_WEIGHTS)
+    model = load_first_stage(ctx.run_dir, ctx.typed, ctx.device)
+    lpips_metric, lpips_standin = _lpips(ctx)
+    recon = ReconstructionAccumulator(lpips_metric=lpips_metric)
+    orig_acc, rec_acc = FeatureAccumulator(extractor), FeatureAccumulator(extractor)
+    n = min(len(images), m.num_samples)
+    with torch.no_grad():
+        for start in range(0, n, m.batch_size):
+            batch = images.get_batch(np.arange(start, min(n, start + m.batch_size)))
+            x = to_model_input(batch).to(ctx.device)
+            x_rec, _ = model(x, sample_posterior=False)  # posterior mode, as reconstructions are evaluated
+            orig = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).contiguous()
+            rec = to_uint8(x_rec).cpu()
+            recon.add(orig, rec)
+            orig_acc.add(orig)
+            rec_acc.add(rec)
+    res = evaluate_reconstructions(orig_acc.result(), rec_acc.result(), recon.per_image(), m, extractor, lpips_standin)
+    reasons = _reasons(ctx, res["not_comparable_reasons"])
+    return {"schema_version": SCHEMA_VERSION, "experiment": ctx.root.name, "autoencoder": ctx.typed["autoencoder"].name,
+            "f": int(getattr(model, "downsampling_factor", 1)), "comparable": not reasons,
+            "not_comparable_reasons": reasons, "metrics": res["metrics"], "n_images": res["n_images"],
+            "paper": _paper_ref(ctx), "protocol": {**res["protocol"], "split": split, "dataset": dataset.name}}
+
+
+def _lpips(ctx: StageContext):
+    from replication.metrics.reconstruction import build_lpips
+
+    m = ctx.typed["metrics"]
+    metric = build_lpips(m.lpips_vgg_weights, allow_standin=m.allow_standin, device=ctx.device)
+    return metric, bool(metric.is_standin)
+
+
+def _flat(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v["value"] for k, v in metrics["metrics"].items() if isinstance(v, dict) and v.get("value") is not None}
+
+
+def _body(ctx: StageContext) -> dict[str, Any]:
+    if ctx.root.kind == ExperimentKind.autoencoder:
+        metrics, name = _evaluate_autoencoder(ctx), RECON_METRICS_FILE
+    else:
+        metrics, name = _evaluate_ldm(ctx), METRICS_FILE
+    atomic_write_json(ctx.run_dir / name, metrics)
+    atomic_write_json(ctx.run_dir / "metrics_flat.json", _flat(metrics))
+    (ctx.stage_dir).mkdir(parents=True, exist_ok=True)
+    ctx.stats(event="evaluated", **_flat(metrics))
+    return {"metrics": _flat(metrics), "comparable": metrics["comparable"],
+            "outputs": [ctx.run_dir / name, ctx.run_dir / "metrics_flat.json"]}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    return execute(STAGE, cfg, _body)
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()
