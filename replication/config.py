@@ -34,6 +34,8 @@ AUTOENCODER_STAGES = ("prepare", "train_autoencoder", "evaluate", "report")
 class TrainerConfig:
     """LDM training loop. Defaults follow the original release (main.py / ddpm.py); see PROTOCOL.md §3."""
 
+    pretrained: Optional[str] = None  # an original CompVis LDM .ckpt: import its (EMA) U-Net instead of training
+    pretrained_use_ema: bool = True
     steps: int = 1000
     batch_size: int = 8  # per process
     base_lr: float = 2.0e-6
@@ -118,6 +120,7 @@ class RootConfig:
     runs_root: str = "runs"
     reports_dir: str = "reports"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cpu_threads: Optional[int] = None  # torch.set_num_threads on the CPU (1 is fastest for the tiny smoke models)
     progress: bool = True
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     force: list[str] = field(default_factory=list)  # stage names to rerun even if up to date, or ["all"]

@@ -189,7 +189,8 @@ def test_evaluate_samples_smoke_block(repo_root):
     # Low-dimensional synthetic features keep the linear algebra fast; 2048-d works the same way.
     from omegaconf import OmegaConf
 
-    cfg = validate_metrics_cfg(OmegaConf.load(repo_root / "experiments" / "metrics" / "smoke.yaml"))
+    group = OmegaConf.load(repo_root / "experiments" / "metrics" / "smoke.yaml")
+    cfg = validate_metrics_cfg(OmegaConf.create({"runs_root": "runs", "metrics": group}).metrics)
     g = torch.Generator().manual_seed(6)
     ref_feats = torch.randn(40, 12, generator=g)
     feats = {POOL: torch.randn(36, 12, generator=g) + 0.3, LOGITS_UNBIASED: torch.randn(36, 20, generator=g)}

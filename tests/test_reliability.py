@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys
@@ -18,107 +17,77 @@ import pytest
 import torch
 
 from pipeline_helpers import REPO, env, paths_overrides, read_jsonl, run_module
+from replication import reliability as rel
 
 pytestmark = pytest.mark.reliability
 
-TRAIN = ["trainer.steps=60", "trainer.ckpt_every=5", "trainer.log_every=1", "trainer.eval_every=0",
-         "trainer.keep_last_ckpts=3"]
+EXP = "smoke"
+TRAIN = rel.TRAIN_OVERRIDES
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A smoke run folder with data, autoencoder and latent cache ready (the stages before train_ldm)."""
     tmp = tmp_path_factory.mktemp("reliability")
-    run_module("replication.run", ["experiment=smoke", *paths_overrides(tmp),
-                                   "stages=[prepare,train_autoencoder,encode_latents]"])
+    rel.prepare_inputs(tmp, EXP)
     return tmp
 
 
 def _clone_run(src: Path, dst: Path) -> None:
-    import shutil
-
-    shutil.copytree(src, dst)
-    shutil.rmtree(dst / "runs" / "smoke" / "train_ldm", ignore_errors=True)
+    rel.clone_inputs(src, dst, EXP)
 
 
 def _train_cmd(tmp: Path) -> list[str]:
-    return [sys.executable, "-m", "replication.stages.train_ldm", "experiment=smoke", *paths_overrides(tmp), *TRAIN]
-
-
-def _losses(tmp: Path) -> dict[int, float]:
-    records = [r for r in read_jsonl(tmp / "runs" / "smoke" / "train_ldm" / "stats.jsonl") if r.get("event") == "train"]
-    by_step: dict[int, float] = {}
-    for r in records:  # a step replayed after a kill must give the same loss as its first attempt
-        if r["step"] in by_step:
-            assert by_step[r["step"]] == r["loss"], f"step {r['step']} replayed with a different loss"
-        by_step[r["step"]] = r["loss"]
-    return by_step
-
-
-def _weights(tmp: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    d = tmp / "runs" / "smoke" / "train_ldm"
-    return {**{f"ema.{k}": v for k, v in load_file(d / "ema.safetensors").items()},
-            **{f"raw.{k}": v for k, v in load_file(d / "model.safetensors").items()}}
+    return rel.train_cmd(tmp, EXP)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    _clone_run(prepared, tmp)
-    subprocess.run(_train_cmd(tmp), env=env(), cwd=REPO, check=True, capture_output=True, timeout=600)
-    return tmp
-
-
-def _wait_for_step(tmp: Path, min_step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    stats = tmp / "runs" / "smoke" / "train_ldm" / "stats.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if stats.exists():
-            steps = [r.get("step", 0) for r in read_jsonl(stats) if r.get("event") == "train"]
-            if steps and max(steps) >= min_step:
-                return
-        time.sleep(0.05)
+    _clone_run(prepared, tmp / "w")
+    rel.train_uninterrupted(tmp / "w", EXP)
+    return tmp / "w"
 
 
 def test_sigkill_at_random_points_then_resume_matches_uninterrupted(prepared, uninterrupted, tmp_path):
-    _clone_run(prepared, tmp_path)
-    rng = random.Random(1234)
-    kills = 0
-    for _ in range(3):
-        start = max(_losses(tmp_path).keys(), default=0) if (tmp_path / "runs/smoke/train_ldm/stats.jsonl").exists() else 0
-        proc = subprocess.Popen(_train_cmd(tmp_path), env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_step(tmp_path, start + rng.randint(3, 12), proc)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait(timeout=60)
-    assert kills == 3
-    subprocess.run(_train_cmd(tmp_path), env=env(), cwd=REPO, check=True, capture_output=True, timeout=600)
-    ours, reference = _losses(tmp_path), _losses(uninterrupted)
-    assert sorted(ours) == sorted(reference) and len(reference) == 60
-    assert ours == reference  # bit-identical loss sequence on the CPU
-    a, b = _weights(tmp_path), _weights(uninterrupted)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    work = tmp_path / "w"
+    _clone_run(prepared, work)
+    kill_steps = rel.train_with_kills(work, EXP, kills=3, sig=signal.SIGKILL, seed=1234)
+    assert len(kill_steps) == 3 and all(0 < k < 60 for k in kill_steps)
+    result = rel.compare(work, uninterrupted, EXP)
+    assert result["steps"] == 60 and result["same_steps"]
+    assert result["losses_identical"], result  # bit-identical loss sequence on the CPU
+    assert result["weights_identical"], result
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_matches(prepared, uninterrupted, tmp_path):
-    _clone_run(prepared, tmp_path)
-    proc = subprocess.Popen(_train_cmd(tmp_path), env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(tmp_path, 7, proc)
+    work = tmp_path / "w"
+    _clone_run(prepared, work)
+    proc = subprocess.Popen(_train_cmd(work), env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rel.wait_for_step(work, EXP, 7, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    events = read_jsonl(tmp_path / "runs" / "smoke" / "train_ldm" / "stats.jsonl")
+    events = read_jsonl(rel.stats_path(work, EXP))
     pre = [e for e in events if e.get("event") == "preempted"]
     assert pre and Path(pre[-1]["checkpoint"]).exists()
-    step = pre[-1]["step"]
-    assert step % 5 != 0 or step >= 7  # the signal checkpoint is not just a periodic one
-    subprocess.run(_train_cmd(tmp_path), env=env(), cwd=REPO, check=True, capture_output=True, timeout=600)
-    assert _losses(tmp_path) == _losses(uninterrupted)
-    a, b = _weights(tmp_path), _weights(uninterrupted)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert Path(pre[-1]["checkpoint"]).name == f"state_{pre[-1]['step']:09d}.pt"  # written at the signal's step
+    subprocess.run(_train_cmd(work), env=env(), cwd=REPO, check=True, capture_output=True, timeout=600)
+    result = rel.compare(work, uninterrupted, EXP)
+    assert result["losses_identical"] and result["weights_identical"], result
+
+
+def test_reliability_tool_writes_report_and_figure(tmp_path, monkeypatch):
+    """The user-facing check (python -m replication.reliability) on a shortened run: 1 kill."""
+    monkeypatch.setattr(rel, "TRAIN_OVERRIDES", ["trainer.steps=20", "trainer.ckpt_every=5", "trainer.log_every=1",
+                                                 "trainer.eval_every=0"])
+    result = rel.run_check(EXP, kills=1, sig=signal.SIGKILL, out=tmp_path / "out", seed=7)
+    assert result["losses_identical"] and result["weights_identical"] and len(result["kill_steps"]) == 1
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "kill_resume.png") as im:
+        assert im.size[0] > 300
+    assert "bit-identical | True" in (tmp_path / "out" / "kill_resume.md").read_text()
 
 
 def test_killed_sampling_resumes_to_identical_images_whatever_the_batch_size(uninterrupted, tmp_path):
@@ -151,6 +120,7 @@ def test_killed_sampling_resumes_to_identical_images_whatever_the_batch_size(uni
 
 
 def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(prepared, tmp_path):
+    tmp_path = tmp_path / "w"
     _clone_run(prepared, tmp_path)
     subprocess.run(_train_cmd(tmp_path), env=env(), cwd=REPO, check=True, capture_output=True, timeout=600)
     state_dir = tmp_path / "runs" / "smoke" / "train_ldm" / "state"
@@ -165,6 +135,7 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(prepared, tmp_pa
 
 
 def test_mismatched_checkpoint_names_the_tensors(prepared, tmp_path):
+    tmp_path = tmp_path / "w"
     _clone_run(prepared, tmp_path)
     subprocess.run(_train_cmd(tmp_path)[:-len(TRAIN)] + [*TRAIN[1:], "trainer.steps=5"], env=env(), cwd=REPO,
                    check=True, capture_output=True, timeout=600)

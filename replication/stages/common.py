@@ -179,6 +179,8 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
         return result
     handler = _setup_logging(stage_dir)
     device = resolve_device(root.device)
+    if root.cpu_threads:
+        torch.set_num_threads(root.cpu_threads)
     ctx = StageContext(name=stage, cfg=cfg, typed=typed, run_dir=run_dir, stage_dir=stage_dir, device=device,
                        progress=root.progress)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.data.prepare import open_prepared
 
     dataset = ctx.typed["dataset"]
+    if ctx.typed["trainer"].pretrained:
+        return {"mode": "not needed: trainer.pretrained imports the LDM instead of training it", "outputs": []}
     if not ctx.typed["trainer"].use_latent_cache:
         return {"mode": "disabled (trainer.use_latent_cache=false): train_ldm encodes on the fly", "outputs": []}
     images = open_prepared(dataset, "train")
