@@ -213,13 +213,14 @@ def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
-def count_flops(build: Callable[[], Any], run: Callable[[Any], Any]) -> int:
-    """FLOP of `run(build())`, counted on fake tensors: shapes only, no memory and no arithmetic, so paper-size
-    networks are counted in seconds on any machine. `build` makes the module(s), `run` does the work to count
-    (a forward, or forward + backward for a training step)."""
+def count_flops(build: Callable[[], Any], run: Callable[[Any], Any], fake: bool = True) -> int:
+    """FLOP of `run(build())`. With `fake` (default) counted on fake tensors: shapes only, no memory and no
+    arithmetic, so paper-size networks are counted in seconds on any machine; `fake=False` runs for real (for
+    modules whose construction fake tensors cannot follow). `build` makes the module(s), `run` does the work to
+    count (a forward, or forward + backward for a training step)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
         built = build()
         with flop_counter() as counter:
             run(built)

@@ -158,7 +158,9 @@ def _setup_logging(stage_dir: Path) -> logging.Handler:
     root = logging.getLogger("replication")
     root.setLevel(logging.INFO)
     root.addHandler(handler)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
+    console_elsewhere = logging.getLogger().handlers  # Hydra's job logging already prints to the console
+    if not console_elsewhere and not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                                         for h in root.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         root.addHandler(console)
@@ -235,10 +237,35 @@ def hydra_entry(run: Callable[[DictConfig], dict[str, Any]]) -> Callable[[], Non
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
         _record_choices(cfg)
-        result = run(cfg)
+        try:
+            result = run(cfg)
+        except user_errors() as exc:  # a clear message, not a traceback (HYDRA_FULL_ERROR=1 shows it)
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error ({type(exc).__name__}): {exc}", file=sys.stderr)
+            sys.exit(2)
         print(json_summary(result))
 
     return _main
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "fix your input" (config, data, weights, checkpoints), reported without a traceback."""
+    from replication.config import ConfigError
+    from replication.data.download import ChecksumError, DownloadError, ManualDownloadRequired, UnsafeArchiveError
+    from replication.training.signals import TrainingDiverged
+    from replication.utils.io import ArtifactError
+
+    errors: list[type[BaseException]] = [ConfigError, StageError, ArtifactError, DownloadError, ChecksumError,
+                                         ManualDownloadRequired, UnsafeArchiveError, TrainingDiverged]
+    try:
+        from replication.metrics.features import StandinNotAllowedError, WeightsNotFoundError
+        from replication.metrics.reference import ReferenceMismatchError
+
+        errors += [WeightsNotFoundError, StandinNotAllowedError, ReferenceMismatchError]
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _record_choices(cfg: DictConfig) -> None:

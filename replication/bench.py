@@ -1,0 +1,730 @@
+# Benchmark of issue 7: how fast this code trains and samples the paper's LDMs, measured side by side against an
+# eager fp32 baseline of the same networks in the same run (speed-ups are ratios, never cross-run comparisons).
+"""Throughput benchmark for one experiment's shapes.
+
+    python -m replication.bench experiment=lsun_churches_ldm8 --device cuda --batch 96 --sample-batch 256
+    python -m replication.bench experiment=smoke --device cpu --threads 1      # tiny shapes, about a minute
+    python -m replication.bench --merge a.json b.json --tag nvidia-h200         # one table for several runs
+
+Rows (each measured for the eager fp32 baseline and for the fast path, same weights, same inputs):
+- train:    one training step as `training/ldm_trainer.train_loop` runs it on cached latents: forward, eps loss,
+            backward, AdamW, EMA update, loss read back to the host (no encoder: the latent cache feeds training).
+- sample:   DDIM steps of the experiment's sampler at `--sample-batch`, timed over `--sample-steps` steps and
+            reported per image at 200 steps (each step is one U-Net call plus the same elementwise update, so
+            the time is linear in the step count).
+- decode / encode: the first stage at the dataset resolution (levers: bf16 + channels_last; compile with
+            --compile-autoencoder).
+- features: the FID feature extractor on uint8 images (lever: channels_last only; features stay fp32 because
+            bf16 features would move FID).
+For each: GFLOP per image (torch.utils.flop_counter on fake tensors), img/s, achieved TFLOP/s, MFU against the
+bf16 matrix-multiply peak measured in this run, peak memory, and the fast/baseline ratio. Output:
+<out>/<tag>.json and <out>/<tag>.md, rewritten after every row so a run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime as _dt
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+from unittest import mock
+
+import torch
+from torch import nn
+
+from replication.perf import (FastForward, FastPath, PeakMemory, autocast, count_flops, cuda_flags, free_device_memory,
+                              make_adamw, matmul_peak_tflops, nonzero_init_, prepare_module, relative_error, time_fn,
+                              to_memory_format)
+from replication.utils.io import atomic_write_json, atomic_write_text, read_json
+
+ROWS = ("train", "sample", "decode", "encode", "features")
+SCHEMA_VERSION = 1
+# Paper Tab. 1 / issue 7: sampling throughput is quoted for 200 DDIM steps.
+SAMPLE_QUOTE_STEPS = 200
+# Issue 7: on either card, training must run at least this many times the eager fp32 baseline of the same run.
+MIN_TRAIN_SPEEDUP = 4.0
+TARGET_CARD = "H200"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Issue 7's target for one row at paper shapes on one H200, next to the original code's speed there."""
+
+    original_img_per_s: float  # CompVis/latent-diffusion on one H200 (shared/ANCHORS.md)
+    min_img_per_s: float
+    max_mem_gib: Optional[float] = None
+    original_mem_gib: Optional[float] = None
+
+
+TARGETS: dict[tuple[str, str], Target] = {
+    ("lsun_churches_ldm8", "train"): Target(original_img_per_s=326.0, min_img_per_s=1300.0),
+    ("celebahq_ldm4", "train"): Target(original_img_per_s=136.5, min_img_per_s=400.0, max_mem_gib=40.0,
+                                       original_mem_gib=84.7),
+    ("lsun_churches_ldm8", "sample"): Target(original_img_per_s=8.6, min_img_per_s=30.0),
+    ("celebahq_ldm4", "sample"): Target(original_img_per_s=3.0, min_img_per_s=9.0),
+}
+# GFLOP per image of the original networks, counted independently (shared/ANCHORS.md); ours must agree.
+ORIGINAL_GFLOP: dict[tuple[str, str], float] = {
+    ("lsun_churches_ldm8", "unet_forward"): 41.85,
+    ("celebahq_ldm4", "unet_forward"): 202.4,
+    ("lsun_churches_ldm8", "encode"): 272.7,
+    ("lsun_churches_ldm8", "decode"): 622.2,
+}
+
+
+@dataclass
+class BenchSettings:
+    device: torch.device
+    batch: int  # training batch
+    sample_batch: int
+    ae_batch: int
+    feature_batch: int
+    iters: int  # timed iterations per measurement
+    warmup: int  # untimed iterations first (compilation happens here)
+    sample_steps: int  # DDIM steps actually run for the sampling row
+    fast: FastPath
+    rows: tuple[str, ...] = ROWS
+    compile_autoencoder: bool = False
+    seed: int = 0
+
+
+class BenchError(ValueError):
+    """Bad benchmark arguments; the message names the offending value."""
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "CPU " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU " + (platform.processor() or platform.machine())
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_slug(device: torch.device) -> str:
+    return slug(device_name(device)) if device.type == "cuda" else "cpu"
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": device.type, "name": device_name(device), "torch": torch.__version__,
+                            "python": platform.python_version(), "threads": torch.get_num_threads(),
+                            "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(cuda=torch.version.cuda, memory_gib=props.total_memory / 2 ** 30,
+                    multiprocessors=props.multi_processor_count)
+    return info
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {spec!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------- networks
+
+def compose_typed(overrides: Sequence[str]) -> dict[str, Any]:
+    from replication.config import validate_config
+    from replication.stages.common import compose
+
+    return validate_config(compose(list(overrides)))
+
+
+def _build_unet(typed: dict[str, Any]) -> nn.Module:
+    from replication.stages.artifacts import build_unet
+
+    return build_unet(typed)
+
+
+def _build_first_stage(typed: dict[str, Any]) -> nn.Module:
+    from replication.stages.artifacts import build_first_stage
+
+    return build_first_stage(typed)
+
+
+def _labels(typed: dict[str, Any], n: int, device: torch.device) -> Optional[torch.Tensor]:
+    from replication.stages.artifacts import num_label_classes
+
+    classes = num_label_classes(typed)
+    return None if not classes else (torch.arange(n, device=device) % classes).long()
+
+
+def _denoiser(typed: dict[str, Any], call: Callable[..., torch.Tensor], labels: Optional[torch.Tensor]):
+    """eps(x, t) as stages/sample.Generator builds it: plain, class-conditional, or classifier-free guided."""
+    from replication.diffusion.guidance import classifier_free
+
+    if labels is None:
+        return lambda x, t: call(x, t)
+    scale = typed["sampler"].guidance_scale
+    null_class = typed["diffusion"].null_class
+    null = torch.full_like(labels, null_class if null_class is not None else 0)
+    return classifier_free(lambda x, t, y: call(x, t, y=y), labels, null, scale)
+
+
+def random_inception() -> nn.Module:
+    """torch-fidelity's FID Inception-v3 architecture with random weights: the same FLOPs and kernels as the real
+    extractor, for throughput only. Nothing is downloaded: the weight loader is replaced for this construction."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        return tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+
+
+def feature_module(typed: dict[str, Any], device: torch.device, for_counting: bool = False) -> tuple[nn.Module, str]:
+    """The module `evaluate` would run: the real Inception when metrics.inception_weights is set, the labelled
+    stand-in where allowed (smoke), else the Inception architecture with random weights."""
+    from replication.metrics.features import StandinExtractor, build_extractor
+
+    metrics = typed["metrics"]
+    weights = getattr(metrics, "inception_weights", None)
+    if weights and not for_counting:
+        return build_extractor("inception-v3-compat", weights, device=device)._module, "inception-v3-compat"
+    if getattr(metrics, "allow_standin", False) and not weights:
+        return StandinExtractor(seed=0, device=device), "stand-in (smoke only)"
+    return random_inception().to(device), "inception-v3-compat architecture, random weights"
+
+
+# ---------------------------------------------------------------------------------------------- FLOP counts
+
+def unet_flops(typed: dict[str, Any], train: bool) -> int:
+    """FLOP per image of one U-Net forward (with guidance, as the sampler calls it), or of a training step."""
+    from replication.diffusion.objective import per_sample_error
+
+    c = typed["unet"]
+    diffusion = typed["diffusion"]
+
+    def run(unet: nn.Module) -> None:
+        x = torch.randn(1, c.in_channels, c.image_size, c.image_size)
+        t = torch.zeros(1, dtype=torch.long)
+        labels = _labels(typed, 1, torch.device("cpu"))
+        if not train:
+            _denoiser(typed, unet, labels)(x, t)
+            return
+        # q_sample is elementwise (no counted FLOP) and checks t data-dependently, which fake tensors cannot do
+        pred = unet(x, t) if labels is None else unet(x, t, y=labels)
+        per_sample_error(pred, torch.randn_like(x), diffusion.loss()).mean().backward()
+
+    return count_flops(lambda: _build_unet(typed), run)
+
+
+def first_stage_flops(typed: dict[str, Any], what: str) -> int:
+    res = typed["autoencoder"].ddconfig.resolution
+
+    def run(ae: nn.Module) -> None:
+        if what == "encode":
+            ae.encode_moments(torch.randn(1, 3, res, res))
+        else:
+            h = res // ae.downsampling_factor
+            ae.decode(torch.randn(1, ae.latent_channels, h, h))
+
+    return count_flops(lambda: _build_first_stage(typed), run)
+
+
+def feature_flops(typed: dict[str, Any]) -> int:
+    res = typed["autoencoder"].ddconfig.resolution if typed["autoencoder"].ddconfig else typed["dataset"].resolution
+    images = torch.zeros(1, 3, res, res, dtype=torch.uint8)
+    # counted for real on the CPU at batch 1 (the stand-in's seeded construction does not run on fake tensors)
+    with torch.no_grad():
+        return count_flops(lambda: feature_module(typed, torch.device("cpu"), for_counting=True)[0],
+                           lambda m: m(images), fake=False)
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+
+def _measure(step: Callable[[], Any], device: torch.device, warmup: int, iters: int, images_per_call: int,
+             gflop_per_image: float, peak_tflops: float, fast: FastPath) -> dict[str, Any]:
+    """Warm up (compilation happens here), reset the memory peak, time `iters` calls: the steady state."""
+    mem = PeakMemory(device)
+    result: dict[str, Any] = {"levers": fast.levers() or ["eager fp32"], "error": None}
+    try:
+        warm = time_fn(step, device, iters=max(warmup, 1), warmup=0) if warmup else None
+        mem.reset()
+        timing = time_fn(step, device, iters=iters, warmup=0)
+    except torch.OutOfMemoryError as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        result["error"] = f"out of memory: {first_line}"
+        return result
+    img_per_s = images_per_call / timing.seconds_per_iter
+    tflops = gflop_per_image * img_per_s / 1e3
+    result.update(img_per_s=img_per_s, seconds_per_iter=timing.seconds_per_iter, iters=timing.iters,
+                  warmup_seconds=(warm.seconds_per_iter * warm.iters) if warm else 0.0, tflops=tflops,
+                  mfu=tflops / peak_tflops, peak_mem_gib=mem.peak_gib(), peak_mem_kind=mem.kind)
+    return result
+
+
+def _train_inputs(typed: dict[str, Any], batch: int, device: torch.device, seed: int):
+    from replication.diffusion.objective import sample_timesteps
+
+    c = typed["unet"]
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=g)
+    t = sample_timesteps(batch, typed["diffusion"].make_schedule().num_timesteps, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    return x0.to(device), t.to(device), noise.to(device), _labels(typed, batch, device)
+
+
+def measure_train(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: BenchSettings, gflop: float,
+                  peak: float) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
+    """One train_loop step (forward, loss, backward, AdamW, EMA, loss to host) on fixed latents."""
+    from replication.diffusion.objective import diffusion_loss
+    from replication.models.ema import EMA
+
+    trainer, diffusion, device = typed["trainer"], typed["diffusion"], s.device
+    model = copy.deepcopy(base).train()
+    forward = prepare_module(model, fast, device)
+    ema = EMA(model, decay=trainer.ema_decay) if trainer.use_ema else None
+    optimizer = make_adamw(model.parameters(), fast, device, lr=trainer.base_lr, betas=tuple(trainer.adam_betas),
+                           weight_decay=trainer.weight_decay)
+    x0, t, noise, labels = _train_inputs(typed, s.batch, device, s.seed)
+    schedule, loss_type = diffusion.make_schedule(), diffusion.loss()
+    first_loss: list[float] = []
+
+    def denoise(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        x_in = to_memory_format(x_t, fast)
+        return forward(x_in, tt) if labels is None else forward(x_in, tt, y=labels)
+
+    def step() -> None:
+        with autocast(fast, device):
+            loss = diffusion_loss(denoise, x0, schedule, t, noise, loss_type).mean()
+        value = float(loss.detach())  # the loop reads every loss back (divergence check, logging)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        if not first_loss:
+            first_loss.append(value)
+
+    result = _measure(step, device, s.warmup, s.iters, s.batch, gflop, peak, fast)
+    del model, forward, ema, optimizer
+    free_device_memory(device)
+    return result, (torch.tensor(first_loss) if first_loss else None)
+
+
+def measure_sample(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: BenchSettings, gflop_step: float,
+                   peak: float) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
+    """`--sample-steps` steps of the configured sampler; img/s and TFLOP/s quoted at SAMPLE_QUOTE_STEPS steps."""
+    from replication.diffusion.config import run_sampler
+    from replication.utils.rng import StackedRandomGenerator
+
+    device = s.device
+    unet = copy.deepcopy(base).eval().requires_grad_(False)
+    call = FastForward(unet, fast.only("bf16", "channels_last", "compile"), device)
+    c = typed["unet"]
+    seeds = list(range(s.seed, s.seed + s.sample_batch))
+    labels = _labels(typed, s.sample_batch, device)
+    denoiser = _denoiser(typed, call, labels)
+    schedule = typed["diffusion"].make_schedule()
+    out: list[torch.Tensor] = []
+
+    def run(steps: int) -> int:
+        cfg = dataclasses.replace(typed["sampler"], steps=steps)
+        rng = StackedRandomGenerator(seeds, device=device)
+        x_T = rng.randn((s.sample_batch, c.in_channels, c.image_size, c.image_size))
+        with torch.no_grad():
+            result = run_sampler(cfg, denoiser, x_T, schedule, rng=rng)
+        out[:] = [result.x]
+        return result.num_steps
+
+    from replication.diffusion.ddim import ddim_timesteps
+
+    n_quote = len(ddim_timesteps(SAMPLE_QUOTE_STEPS, schedule.num_timesteps, typed["sampler"].spacing))
+    n_run = len(ddim_timesteps(s.sample_steps, schedule.num_timesteps, typed["sampler"].spacing))
+    # one call of n_run steps = n_run / n_quote of a quoted sample set; as images/call that is batch * n_run / n_quote
+    result = _measure(lambda: run(s.sample_steps), device, min(s.warmup, 1), 1, s.sample_batch * n_run / n_quote,
+                      gflop_step * n_quote, peak, fast.only("bf16", "channels_last", "compile"))
+    result.update(steps_run=n_run, steps_quoted=n_quote)
+    final = out[0].float().cpu() if out else None
+    del unet, call, denoiser
+    free_device_memory(device)
+    return result, final
+
+
+def measure_first_stage(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: BenchSettings, what: str,
+                        gflop: float, peak: float) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
+    device = s.device
+    ae = copy.deepcopy(base).eval().requires_grad_(False)
+    levers = ("bf16", "channels_last", "compile") if s.compile_autoencoder else ("bf16", "channels_last")
+    fast = fast.only(*levers)
+    method = "encode_moments" if what == "encode" else "decode"
+    call = FastForward(ae, fast, device, method=method)
+    res = typed["autoencoder"].ddconfig.resolution
+    g = torch.Generator().manual_seed(s.seed)
+    if what == "encode":
+        x = (torch.rand(s.ae_batch, 3, res, res, generator=g) * 2 - 1).to(device)
+    else:
+        h = res // ae.downsampling_factor
+        x = torch.randn(s.ae_batch, ae.latent_channels, h, h, generator=g).to(device)
+    out: list[torch.Tensor] = []
+
+    def step() -> None:
+        with torch.no_grad():
+            out[:] = [call(x)]
+
+    result = _measure(step, device, s.warmup, s.iters, s.ae_batch, gflop, peak, fast)
+    final = out[0].float().cpu() if out else None
+    del ae, call
+    free_device_memory(device)
+    return result, final
+
+
+def measure_features(typed: dict[str, Any], fast: FastPath, s: BenchSettings, gflop: float,
+                     peak: float) -> tuple[dict[str, Any], Optional[torch.Tensor], str]:
+    device = s.device
+    module, label = feature_module(typed, device)
+    fast = fast.only("channels_last")
+    call = FastForward(module, fast, device)
+    res = typed["autoencoder"].ddconfig.resolution if typed["autoencoder"].ddconfig else typed["dataset"].resolution
+    g = torch.Generator().manual_seed(s.seed)
+    images = torch.randint(0, 256, (s.feature_batch, 3, res, res), generator=g, dtype=torch.uint8).to(device)
+    out: list[Any] = []
+
+    def step() -> None:
+        with torch.no_grad():
+            out[:] = [call(images)]
+
+    result = _measure(step, device, s.warmup, s.iters, s.feature_batch, gflop, peak, fast)
+    final = None
+    if out:
+        first = out[0]
+        pool = first["pool"] if isinstance(first, dict) else first[0]
+        final = pool.float().cpu()
+    del module, call
+    free_device_memory(device)
+    return result, final, label
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+def _row(name: str, what: str, batch: int, gflop: float, baseline: dict[str, Any], fast: dict[str, Any],
+         experiment: str, device: str, rel_err: Optional[float] = None, **extra: Any) -> dict[str, Any]:
+    speedup = None
+    if baseline.get("img_per_s") and fast.get("img_per_s"):
+        speedup = fast["img_per_s"] / baseline["img_per_s"]
+    row = {"row": name, "what": what, "batch": batch, "gflop_per_img": gflop, "baseline": baseline, "fast": fast,
+           "speedup": speedup, "fast_vs_baseline_rel_err": rel_err, **extra}
+    target = TARGETS.get((experiment, name))
+    row["target"] = dataclasses.asdict(target) if target else None
+    row["verdict"] = verdict(experiment, name, fast, speedup, device)
+    return row
+
+
+def verdict(experiment: str, row: str, fast: dict[str, Any], speedup: Optional[float], device: str) -> str:
+    """'met' / 'missed' per check: the 4x training ratio on any card, the H200 targets on an H200 only."""
+    checks = []
+    if row == "train":
+        ok = speedup is not None and speedup >= MIN_TRAIN_SPEEDUP
+        checks.append(f">= {MIN_TRAIN_SPEEDUP:g}x eager fp32: {'met' if ok else 'missed'}")
+    target = TARGETS.get((experiment, row))
+    if target is not None:
+        if TARGET_CARD.lower() not in device.lower():
+            checks.append(f"{TARGET_CARD} target: not applicable on this device")
+        else:
+            rate = fast.get("img_per_s") or 0.0
+            checks.append(f">= {target.min_img_per_s:g} img/s: {'met' if rate >= target.min_img_per_s else 'missed'}")
+            if target.max_mem_gib is not None:
+                mem = fast.get("peak_mem_gib")
+                ok = mem is not None and mem <= target.max_mem_gib
+                checks.append(f"<= {target.max_mem_gib:g} GiB: {'met' if ok else 'missed'}")
+    return "; ".join(checks)
+
+
+def gflop_checks(experiment: str, counted: dict[str, float]) -> dict[str, Any]:
+    checks = {}
+    for (exp, key), original in ORIGINAL_GFLOP.items():
+        if exp == experiment and key in counted:
+            checks[key] = {"counted": counted[key], "original_code": original,
+                           "rel_diff": abs(counted[key] - original) / original}
+    return checks
+
+
+def run_bench(overrides: Sequence[str], s: BenchSettings, out_dir: Optional[Path] = None,
+              tag: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+    """Measure every row of `s.rows`; write <out_dir>/<tag>.json/.md after each row (when out_dir is given)."""
+    unknown = [r for r in s.rows if r not in ROWS]
+    if unknown:
+        raise BenchError(f"unknown row(s) {unknown}; allowed: {', '.join(ROWS)}")
+    typed = compose_typed(overrides)
+    experiment = typed["root"].name
+    device = s.device
+    say = print if progress else (lambda *a, **k: None)
+    tag = tag or f"{device_slug(device)}-{slug(experiment)}"
+    report: dict[str, Any] = {
+        "schema": SCHEMA_VERSION, "experiment": experiment, "overrides": list(overrides),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
+        "device": environment(device), "settings": _settings_dict(s), "baseline": FastPath().describe(),
+        "fast_path": s.fast.describe(), "rows": [], "numerics": {}, "gflop_check": {}}
+
+    def save() -> None:
+        if out_dir is not None:
+            atomic_write_json(Path(out_dir) / f"{tag}.json", report)
+            atomic_write_text(Path(out_dir) / f"{tag}.md", render_markdown([report]))
+
+    with cuda_flags(benchmark=True) as flags:
+        report["device"]["flags"] = flags if device.type == "cuda" else {}
+        say(f"[bench] {experiment} on {report['device']['name']}: measuring the bf16 matmul peak")
+        peak = matmul_peak_tflops(device, torch.bfloat16)
+        report["peak_bf16_tflops"] = peak
+        report["peak_fp32_tflops"] = matmul_peak_tflops(device, torch.float32)
+        counted: dict[str, float] = {}
+        needs_unet = any(r in s.rows for r in ("train", "sample"))
+        if needs_unet:
+            counted["unet_forward"] = unet_flops(typed, train=False) / 1e9
+        torch.manual_seed(s.seed)
+        unet = nonzero_init_(_build_unet(typed), s.seed) if needs_unet else None
+        first_stage = _build_first_stage(typed) if any(r in s.rows for r in ("encode", "decode")) else None
+        has_first_stage = first_stage is not None and any(True for _ in first_stage.parameters())
+        for name in s.rows:
+            say(f"[bench] row {name}: eager fp32 baseline, then {s.fast.describe()}")
+            if name == "train":
+                gflop = unet_flops(typed, train=True) / 1e9
+                counted["train"] = gflop
+                base, loss_b = measure_train(typed, unet, FastPath(), s, gflop, peak)
+                fast, loss_f = measure_train(typed, unet, s.fast, s, gflop, peak)
+                err = relative_error(loss_f, loss_b) if loss_b is not None and loss_f is not None else None
+                report["rows"].append(_row(name, "forward+backward+AdamW+EMA per latent", s.batch, gflop, base, fast,
+                                           experiment, report["device"]["name"], err))
+                report["numerics"]["train_first_loss_rel_diff"] = err
+            elif name == "sample":
+                gflop_step = counted["unet_forward"]
+                base, x_b = measure_sample(typed, unet, FastPath(), s, gflop_step, peak)
+                fast, x_f = measure_sample(typed, unet, s.fast, s, gflop_step, peak)
+                err = relative_error(x_f, x_b) if x_b is not None and x_f is not None else None
+                report["rows"].append(_row(name, f"{typed['sampler'].kind} at {SAMPLE_QUOTE_STEPS} steps per image",
+                                           s.sample_batch, gflop_step * base.get("steps_quoted", SAMPLE_QUOTE_STEPS),
+                                           base, fast, experiment, report["device"]["name"], err,
+                                           steps_run=base.get("steps_run")))
+                report["numerics"]["sample_rel_err"] = err
+            elif name in ("encode", "decode"):
+                if not has_first_stage:
+                    say(f"[bench] row {name}: skipped, the first stage has no parameters (pixel-space LDM)")
+                    continue
+                gflop = first_stage_flops(typed, name) / 1e9
+                counted[name] = gflop
+                base, y_b = measure_first_stage(typed, first_stage, FastPath(), s, name, gflop, peak)
+                fast, y_f = measure_first_stage(typed, first_stage, s.fast, s, name, gflop, peak)
+                err = relative_error(y_f, y_b) if y_b is not None and y_f is not None else None
+                report["rows"].append(_row(name, f"first stage {name} at {typed['autoencoder'].ddconfig.resolution}px",
+                                           s.ae_batch, gflop, base, fast, experiment, report["device"]["name"], err))
+                report["numerics"][f"{name}_rel_err"] = err
+            elif name == "features":
+                gflop = feature_flops(typed) / 1e9
+                base, f_b, label = measure_features(typed, FastPath(), s, gflop, peak)
+                fast, f_f, _ = measure_features(typed, s.fast, s, gflop, peak)
+                err = relative_error(f_f, f_b) if f_b is not None and f_f is not None else None
+                report["rows"].append(_row(name, f"FID features: {label}", s.feature_batch, gflop, base, fast,
+                                           experiment, report["device"]["name"], err))
+                report["numerics"]["features_rel_err"] = err
+            report["gflop_check"] = gflop_checks(experiment, counted)
+            report["counted_gflop"] = counted
+            save()
+            say(_row_line(report["rows"][-1]) if report["rows"] else "")
+    save()
+    return report
+
+
+def _settings_dict(s: BenchSettings) -> dict[str, Any]:
+    d = dataclasses.asdict(s)
+    d["device"] = str(s.device)
+    d["fast"] = s.fast.describe()
+    d["rows"] = list(s.rows)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 10 ** (-digits):
+            return f"{value:.2g}"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _rate(mode: dict[str, Any]) -> str:
+    return mode["error"] if mode.get("error") else _fmt(mode.get("img_per_s"))
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    return (f"[bench]   {row['row']}: eager fp32 {_rate(row['baseline'])} img/s, fast {_rate(row['fast'])} img/s, "
+            f"x{_fmt(row['speedup'], 2)}, MFU {_fmt((row['fast'].get('mfu') or 0) * 100)}%")
+
+
+def render_markdown(reports: Sequence[dict[str, Any]]) -> str:
+    lines = ["# Throughput benchmark (issue 7)", "",
+             "Eager fp32 baseline and fast path measured side by side in the same run; speed-ups are ratios of the two. "
+             "MFU = achieved TFLOP/s / the bf16 matrix-multiply peak measured in the same run. GFLOP counted with "
+             "torch.utils.flop_counter (2 per multiply-accumulate; matmuls, convolutions, attention). Sampling is "
+             f"quoted per image at {SAMPLE_QUOTE_STEPS} DDIM steps. Regenerate: `python -m replication.bench "
+             "experiment=NAME` (see the JSON's `settings`).", ""]
+    for rep in reports:
+        dev = rep["device"]
+        lines += [f"## {rep['experiment']} on {dev['name']}", "",
+                  f"{rep['created']}, torch {dev['torch']}, commit {rep.get('git_commit') or '-'}, "
+                  f"{dev.get('threads')} threads. bf16 matmul peak measured: {_fmt(rep.get('peak_bf16_tflops'), 2)} TFLOP/s "
+                  f"(fp32 {_fmt(rep.get('peak_fp32_tflops'), 2)}). Fast path: {rep['fast_path']}.", "",
+                  "| row | what | batch | GFLOP/img | eager fp32 img/s | fast img/s | speed-up | fast TFLOP/s "
+                  "| MFU eager | MFU fast | peak GiB eager / fast | original code (H200) | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in rep["rows"]:
+            b, f, t = row["baseline"], row["fast"], row.get("target")
+            original = "-"
+            if t:
+                original = f"{_fmt(t['original_img_per_s'])} img/s"
+                if t.get("original_mem_gib"):
+                    original += f", {_fmt(t['original_mem_gib'])} GiB"
+            mfu_b = _fmt(b["mfu"] * 100) + "%" if b.get("mfu") is not None else "-"
+            mfu_f = _fmt(f["mfu"] * 100) + "%" if f.get("mfu") is not None else "-"
+            lines.append(f"| {row['row']} | {row['what']} | {row['batch']} | {_fmt(row['gflop_per_img'], 2)} | {_rate(b)} "
+                         f"| {_rate(f)} | {_fmt(row['speedup'], 2)} | {_fmt(f.get('tflops'), 2)} | {mfu_b} | {mfu_f} "
+                         f"| {_fmt(b.get('peak_mem_gib'), 2)} / {_fmt(f.get('peak_mem_gib'), 2)} | {original} "
+                         f"| {row.get('verdict') or '-'} |")
+        num = rep.get("numerics", {})
+        if num:
+            lines += ["", "Fast path vs eager fp32 on the same weights and inputs (relative L2 error): " +
+                      ", ".join(f"{k} {_fmt(v, 4)}" for k, v in num.items()) + "."]
+        checks = rep.get("gflop_check", {})
+        if checks:
+            lines += ["", "GFLOP/img against the original networks' count (shared/ANCHORS.md): " +
+                      ", ".join(f"{k} {_fmt(v['counted'], 2)} vs {_fmt(v['original_code'], 2)}" for k, v in checks.items())
+                      + "."]
+        kinds = {m.get("peak_mem_kind") for r in rep["rows"] for m in (r["baseline"], r["fast"]) if m.get("peak_mem_kind")}
+        if kinds:
+            lines += ["", f"Peak memory: {', '.join(sorted(kinds))} during the timed iterations."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def merge_reports(paths: Sequence[Path], out_dir: Path, tag: Optional[str] = None) -> dict[str, Any]:
+    """One JSON ({"reports": [...]}) and one markdown table for several single-experiment runs."""
+    reports = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise BenchError(f"benchmark result {path} does not exist (did that run fail or time out?)")
+        reports.append(read_json(path))
+    if not reports:
+        raise BenchError("--merge needs at least one result JSON")
+    if tag is None:
+        first = reports[0]["device"]
+        tag = slug(first["name"]) if first["type"] == "cuda" else "cpu"
+    merged = {"schema": SCHEMA_VERSION, "device": reports[0]["device"], "reports": reports}
+    atomic_write_json(Path(out_dir) / f"{tag}.json", merged)
+    text = render_markdown(reports)
+    atomic_write_text(Path(out_dir) / f"{tag}.md", text)
+    merged["markdown"] = text
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def _defaults(device: torch.device) -> dict[str, int]:
+    """Iteration counts and side batches: short on the CPU (tiny shapes), enough for steady state on a GPU."""
+    if device.type == "cuda":
+        return {"iters": 5, "warmup": 2, "sample_steps": 10, "ae_batch": 16, "feature_batch": 100}
+    return {"iters": 3, "warmup": 1, "sample_steps": 2, "ae_batch": 4, "feature_batch": 8}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m replication.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=lsun_churches_ldm8")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch", type=int, default=None, help="training batch (default: trainer.batch_size)")
+    p.add_argument("--sample-batch", type=int, default=None, help="sampling batch (default: sampler.batch_size)")
+    p.add_argument("--ae-batch", type=int, default=None, help="encoder/decoder batch")
+    p.add_argument("--feature-batch", type=int, default=None, help="feature-extraction batch")
+    p.add_argument("--steps", type=int, default=None, help="timed iterations per measurement")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations before timing (compilation)")
+    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps actually run for the sampling row")
+    p.add_argument("--fast", default=None, help="levers of the fast path: bf16,channels_last,compile,fused_adam | "
+                   "all | none (default: on where they help on this device)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--compile-autoencoder", action="store_true", help="also torch.compile the encoder/decoder")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="reports/benchmarks", help="output folder")
+    p.add_argument("--tag", default=None, help="output file stem (default: <device>-<experiment>)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge result files instead of measuring")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace, typed: dict[str, Any]) -> BenchSettings:
+    device = resolve_device(args.device)
+    d = _defaults(device)
+
+    def pick(value: Optional[int], default: int, name: str) -> int:
+        value = default if value is None else value
+        if value < 1:
+            raise BenchError(f"--{name} must be >= 1, got {value}")
+        return value
+
+    fast = FastPath.parse(args.fast) if args.fast is not None else FastPath.for_device(device)
+    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    return BenchSettings(
+        device=device, batch=pick(args.batch, typed["trainer"].batch_size, "batch"),
+        sample_batch=pick(args.sample_batch, typed["sampler"].batch_size, "sample-batch"),
+        ae_batch=pick(args.ae_batch, d["ae_batch"], "ae-batch"),
+        feature_batch=pick(args.feature_batch, d["feature_batch"], "feature-batch"),
+        iters=pick(args.steps, d["iters"], "steps"),
+        warmup=d["warmup"] if args.warmup is None else max(0, args.warmup),
+        sample_steps=pick(args.sample_steps, d["sample_steps"], "sample-steps"), fast=fast, rows=rows,
+        compile_autoencoder=args.compile_autoencoder, seed=args.seed)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.merge:
+        merged = merge_reports([Path(p) for p in args.merge], out, args.tag)
+        print(merged["markdown"])
+        return 0
+    overrides = list(args.overrides) or ["experiment=smoke"]
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise BenchError(f"overrides must look like key=value, got {bad}")
+    typed = compose_typed(overrides)
+    settings = settings_from_args(args, typed)
+    report = run_bench(overrides, settings, out, args.tag, progress=not args.quiet)
+    if not args.quiet:
+        print(render_markdown([report]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
