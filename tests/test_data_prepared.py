@@ -121,7 +121,7 @@ def test_hflip_and_model_input_against_direct_formulas():
 
 
 def _smoke_cfg(tmp_path, **kw):
-    node = OmegaConf.create({"data_root": str(tmp_path / "data"), "dataset": OmegaConf.load(ROOT / "experiments/dataset/smoke.yaml")})
+    node = OmegaConf.create({"data_root": str(tmp_path / "data"), "runs_root": str(tmp_path / "runs"), "dataset": OmegaConf.load(ROOT / "experiments/dataset/smoke.yaml")})
     cfg = validate_dataset_cfg(node.dataset)
     cfg.builtin.num_train, cfg.builtin.num_val, cfg.resolution = 10, 4, 8
     for k, v in kw.items():
@@ -197,9 +197,10 @@ def test_latent_cache_equals_direct_encoding(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "experiments/dataset/*.yaml"))))
 def test_every_dataset_yaml_validates(path):
-    node = OmegaConf.create({"data_root": "/d", "dataset": OmegaConf.load(path)})
+    node = OmegaConf.create({"data_root": "/d", "runs_root": "/r", "dataset": OmegaConf.load(path)})
     cfg = validate_dataset_cfg(node.dataset)
-    assert cfg.root.startswith("/d/") and cfg.prepared_dir.startswith("/d/") and cfg.source
+    # raw files under data/ (tracked by data.dvc), prepared sets under runs/ (pipeline outputs)
+    assert cfg.root.startswith("/d/") and cfg.prepared_dir.startswith("/r/prepared/") and cfg.source
     if cfg.family is not Family.builtin:
         assert cfg.resolution == 256
 
