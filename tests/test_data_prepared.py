@@ -163,7 +163,7 @@ def test_latent_cache_equals_direct_encoding(tmp_path):
     _write(tmp_path, imgs, labels)
     ds = PreparedImages(tmp_path / "p")
     enc = _encode_fn()
-    out = tmp_path / "lat" / "train.safetensors"
+    out = tmp_path / "lat" / "train.latents"
     card = encode_to_cache(enc, ds, out, batch_size=3, flips=True, progress=False, autoencoder_hash="ae1",
                            extra_card={"autoencoder": "fixed-conv"})
     assert card["autoencoder"] == "fixed-conv" and card["flips"]
@@ -188,8 +188,8 @@ def test_latent_cache_equals_direct_encoding(tmp_path):
     with pytest.raises(ArtifactError, match="spec_hash"):
         LatentDataset(out, expect_spec_hash="other")
     # same cache whatever the batch size
-    encode_to_cache(enc, ds, tmp_path / "lat2.safetensors", batch_size=7, flips=False, progress=False)
-    no_flip = LatentDataset(tmp_path / "lat2.safetensors")
+    encode_to_cache(enc, ds, tmp_path / "lat2.latents", batch_size=7, flips=False, progress=False)
+    no_flip = LatentDataset(tmp_path / "lat2.latents")
     torch.testing.assert_close(no_flip.get(np.arange(7)), direct, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="without flips"):
         no_flip.get(np.arange(2), flip=np.ones(2, bool))

@@ -55,7 +55,7 @@ def test_manifest_records_commit_versions_device_seeds_and_input_hashes(smoke_ru
         assert (run_dir / stage / "log.txt").exists()
         assert (run_dir / stage / "stats.jsonl").exists()
     inputs = json.loads((run_dir / "train_ldm" / "manifest.json").read_text())["inputs"]
-    assert any(p.endswith("train.safetensors") and len(h) == 64 for p, h in inputs.items())
+    assert any(p.endswith("card.json") and "encode_latents" in p and len(h) == 64 for p, h in inputs.items())
     assert json.loads((run_dir / "train_ldm" / "manifest.json").read_text())["config_choices"]["unet"] == "smoke"
 
 

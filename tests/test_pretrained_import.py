@@ -45,7 +45,7 @@ def test_original_checkpoint_runs_through_sample_and_evaluate(tmp_path):
     assert all(torch.equal(ae[k], first[k]) for k in first)
     meta = json.loads((run / "train_ldm" / "meta.json").read_text())
     assert meta["scale_factor"] == pytest.approx(0.75) and meta["ema"] is True
-    assert not (run / "encode_latents" / "train.safetensors").exists()  # no latents needed to import
+    assert not (run / "encode_latents" / "train.latents").exists()  # no latents needed to import
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["metrics"]["FID"]["n_samples"] == 32
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from replication.data.builtin import make_builtin_images
-from replication.data.latents import LatentDataset
+from replication.data.latents import LatentDataset, encode_to_cache
 from replication.data.prepared import PreparedImages, to_model_input, write_prepared
-from replication.utils.io import atomic_write_json, save_tensors
+from replication.utils.io import atomic_write_json
 
 BATCH = 64
 
@@ -69,13 +69,12 @@ def run(prepared: Optional[str], latents: Optional[str], cores: int, seconds: fl
             imgs = make_builtin_images(num_images, 256, seed=0)
             write_prepared(((f"{i}", imgs[i], None) for i in range(num_images)), prepared,
                            {"spec_hash": "bench"}, progress=False)
-        if latents is None:
-            latents = str(Path(tmp) / "latents.safetensors")
-            g = torch.Generator().manual_seed(0)
-            m = torch.randn((num_images, *latent_shape), generator=g)
-            card = {"spec_hash": "bench", "count": num_images, "flips": True}
-            save_tensors(latents, {"moments": m, "moments_flip": m.flip(-1)}, metadata={"card": json.dumps(card)})
         ds = PreparedImages(prepared)
+        if latents is None:  # a cache of random moments in the real on-disk format
+            latents = str(Path(tmp) / "bench.latents")
+            g = torch.Generator().manual_seed(0)
+            encode_to_cache(lambda x: torch.randn((x.shape[0], *latent_shape), generator=g), ds, latents,
+                            batch_size=64, flips=True, progress=False)
         ds.get_batch(np.arange(len(ds)))  # warm the page cache: the number is the reader's, not the disk's
         lat = LatentDataset(latents)
         result = {
@@ -96,7 +95,7 @@ def run(prepared: Optional[str], latents: Optional[str], cores: int, seconds: fl
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prepared", default=None, help="prepared folder (default: temporary builtin images)")
-    p.add_argument("--latents", default=None, help="latent cache .safetensors (default: temporary random moments)")
+    p.add_argument("--latents", default=None, help="latent cache folder (.latents) (default: temporary random moments)")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     p.add_argument("--num-images", type=int, default=1024, help="size of the temporary sets")

@@ -2,11 +2,16 @@
 trained once and reused), so LDM training needs no encoder pass. What is stored is the encoder's *moments*
 (KL: mean and log-variance, so training still draws a fresh posterior sample each step as the original's
 DiagonalGaussianDistribution.sample(); VQ: pre-quantisation features). Where training flips images, the
-flipped image is encoded too: flipping a latent is not the same as encoding the flipped image."""
+flipped image is encoded too: flipping a latent is not the same as encoding the flipped image.
+
+On disk a cache is a folder (`<name>.latents/`) of .npy arrays written batch by batch into memory maps
+(moments.npy, moments_flip.npy, labels.npy) plus card.json, so a cache may be far larger than memory (LSUN
+at full size) and is read back by memory mapping. The folder is built under a temporary name and renamed
+when complete: a killed encoder leaves no half cache."""
 from __future__ import annotations
 
-import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -15,17 +20,39 @@ import torch
 from tqdm import tqdm
 
 from replication.data.prepared import PreparedImages, epoch_order, flip_mask, to_model_input
-from replication.utils.io import ArtifactError, atomic_write_json, load_tensor_metadata, load_tensors, read_json, save_tensors
+from replication.utils.io import ArtifactError, atomic_write_json, check_free_space, read_json
 
 MOMENTS = "moments"
 MOMENTS_FLIP = "moments_flip"
 LABELS = "labels"
-CARD_SUFFIX = ".card.json"
+CARD_NAME = "card.json"
 
 
 def card_path(cache_path: str | os.PathLike) -> Path:
-    p = Path(cache_path)
-    return p.with_name(p.name.removesuffix(".safetensors") + CARD_SUFFIX)
+    return Path(cache_path) / CARD_NAME
+
+
+class _MemmapWriter:
+    """Rows appended batch by batch into an .npy memory map whose shape is known after the first batch."""
+
+    def __init__(self, path: Path, rows: int):
+        self.path, self.rows, self.array, self.filled = path, rows, None, 0
+
+    def add(self, batch: np.ndarray) -> None:
+        if self.array is None:
+            check_free_space(self.path.parent, self.rows * batch[0].nbytes, what=f"latent cache {self.path.name}")
+            self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=batch.dtype,
+                                                   shape=(self.rows, *batch.shape[1:]))
+        self.array[self.filled:self.filled + len(batch)] = batch
+        self.filled += len(batch)
+
+    def close(self) -> list[int]:
+        if self.array is None or self.filled != self.rows:
+            raise ArtifactError(f"{self.path}: wrote {self.filled} of {self.rows} rows")
+        self.array.flush()
+        shape = list(self.array.shape)
+        del self.array
+        return shape
 
 
 @torch.no_grad()
@@ -42,39 +69,44 @@ def encode_to_cache(
     extra_card: Optional[dict] = None,
 ) -> dict:
     """Encode every prepared image (and its mirror image when `flips`) with `encode_fn(x: float NCHW in
-    [-1, 1]) -> moments`, and store {moments, moments_flip?, labels?} in one safetensors file with a card
-    `<name>.card.json` (preprocessing hash, autoencoder hash, shapes, flips, plus `extra_card`). Returns the
-    card."""
+    [-1, 1]) -> moments`, and store moments(.npy), moments_flip, labels and card.json (preprocessing hash,
+    autoencoder hash, shapes, flips, plus `extra_card`) in the folder `out_path`. Returns the card."""
     n = len(images)
-    chunks, flip_chunks = [], []
-    bar = tqdm(total=n, desc=f"encode {Path(out_path).name}", unit="img", disable=not progress)
+    out = Path(out_path)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writers = {MOMENTS: _MemmapWriter(tmp / f"{MOMENTS}.npy", n)}
+    if flips:
+        writers[MOMENTS_FLIP] = _MemmapWriter(tmp / f"{MOMENTS_FLIP}.npy", n)
+    np_dtype = torch.empty((), dtype=store_dtype).numpy().dtype
+    bar = tqdm(total=n, desc=f"encode {out.name}", unit="img", disable=not progress)
     for batch in images.iter_batches(batch_size, flip=False, shuffle=False):
         x = to_model_input(batch["images"]).to(device)
-        chunks.append(encode_fn(x).to("cpu", store_dtype))
+        writers[MOMENTS].add(encode_fn(x).to("cpu", store_dtype).numpy().astype(np_dtype, copy=False))
         if flips:
-            flip_chunks.append(encode_fn(torch.flip(x, dims=[3])).to("cpu", store_dtype))
+            writers[MOMENTS_FLIP].add(encode_fn(torch.flip(x, dims=[3])).to("cpu", store_dtype).numpy())
         bar.update(len(batch["indices"]))
     bar.close()
-    tensors = {MOMENTS: torch.cat(chunks)}
-    if flips:
-        tensors[MOMENTS_FLIP] = torch.cat(flip_chunks)
+    shapes = {k: w.close() for k, w in writers.items()}
     if images.labels is not None:
-        tensors[LABELS] = torch.from_numpy(np.asarray(images.labels, dtype=np.int64))
+        np.save(tmp / f"{LABELS}.npy", np.asarray(images.labels, dtype=np.int64))
     card = {
         "count": n,
-        "moments_shape": list(tensors[MOMENTS].shape),
+        "moments_shape": shapes[MOMENTS],
         "dtype": str(store_dtype).removeprefix("torch."),
         "flips": bool(flips),
-        "has_labels": LABELS in tensors,
+        "has_labels": images.labels is not None,
         "spec_hash": images.spec_hash,
         "autoencoder_hash": autoencoder_hash,
         "source_images": str(images.dir),
         "source_card": images.card.get("files", {}),
     }
     card.update(extra_card or {})
-    metadata = {"card": json.dumps(card, sort_keys=True)}
-    save_tensors(out_path, tensors, metadata=metadata)
-    atomic_write_json(card_path(out_path), card)
+    atomic_write_json(card_path(tmp), card)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     return card
 
 
@@ -88,16 +120,19 @@ class LatentDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         if not self.path.exists():
             raise ArtifactError(f"{self.path} does not exist (run the encode_latents stage)")
-        meta = load_tensor_metadata(self.path)
-        self.card = json.loads(meta["card"]) if "card" in meta else read_json(card_path(self.path))
+        if not card_path(self.path).exists():
+            raise ArtifactError(f"{self.path} is not a complete latent cache (no {CARD_NAME}); re-run encode_latents")
+        self.card = read_json(card_path(self.path))
         for key, want in (("spec_hash", expect_spec_hash), ("autoencoder_hash", expect_autoencoder_hash)):
             if want is not None and self.card.get(key) != want:
                 raise ArtifactError(f"{self.path}: {key} is {self.card.get(key)}, expected {want}; re-encode the cache")
-        tensors = load_tensors(self.path)
-        # numpy views: a numpy gather is several times faster than torch indexing under CPU contention
-        self.moments = tensors[MOMENTS].numpy()
-        self.moments_flip = tensors[MOMENTS_FLIP].numpy() if MOMENTS_FLIP in tensors else None
-        self.labels = tensors[LABELS].numpy() if LABELS in tensors else None
+        # memory maps: the cache may exceed memory; a numpy gather copies only the rows of a batch
+        self.moments = np.load(self.path / f"{MOMENTS}.npy", mmap_mode="r")
+        flip_path, labels_path = self.path / f"{MOMENTS_FLIP}.npy", self.path / f"{LABELS}.npy"
+        self.moments_flip = np.load(flip_path, mmap_mode="r") if flip_path.exists() else None
+        self.labels = np.load(labels_path) if labels_path.exists() else None
+        if self.moments.shape[0] != self.card["count"]:
+            raise ArtifactError(f"{self.path}: {self.moments.shape[0]} rows but the card says {self.card['count']}")
 
     @property
     def spec_hash(self) -> str:
@@ -115,7 +150,7 @@ class LatentDataset(torch.utils.data.Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"index out of range for {len(self)} latents: {idx.min()}..{idx.max()}")
-        m = self.moments[idx]
+        m = np.array(self.moments[idx])
         if flip is not None:
             mask = np.asarray(flip, dtype=bool)
             if mask.shape != idx.shape:

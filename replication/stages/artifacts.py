@@ -6,13 +6,11 @@ from typing import Any
 
 import torch
 
-from replication.config import to_container
 from replication.training.checkpoint import check_state_dict_fits
 from replication.utils.io import ArtifactError, load_tensors, read_json
 
 AE_WEIGHTS = "train_autoencoder/model.safetensors"
 AE_META = "train_autoencoder/meta.json"
-LATENTS_DIR = "encode_latents"
 LDM_EMA = "train_ldm/ema.safetensors"
 LDM_RAW = "train_ldm/model.safetensors"
 LDM_META = "train_ldm/meta.json"

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from replication.stages.artifacts import AE_WEIGHTS, LATENTS_DIR, load_first_stage
+from replication.stages.artifacts import AE_WEIGHTS, load_first_stage
 from replication.stages.common import StageContext, execute, hydra_entry
 
 STAGE = "encode_latents"
@@ -28,7 +28,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     if (ctx.run_dir / AE_WEIGHTS).exists():
         ctx.record_input(ctx.run_dir / AE_WEIGHTS)
     model = load_first_stage(ctx.run_dir, ctx.typed, ctx.device)
-    out = ctx.stage_dir / "train.safetensors"
+    out = ctx.stage_dir / "train.latents"
 
     @torch.no_grad()
     def encode_fn(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from replication.config import ExperimentKind, to_container
-from replication.stages.artifacts import (AE_WEIGHTS, CURVES_DIR, LDM_META, METRICS_FILE, RECON_METRICS_FILE,
+from replication.stages.artifacts import (AE_WEIGHTS, LDM_META, METRICS_FILE, RECON_METRICS_FILE,
                                           SAMPLES_DIR, load_first_stage, to_uint8)
 from replication.stages.common import StageContext, execute, hydra_entry
 from replication.utils.io import atomic_write_json, read_json
@@ -63,12 +63,13 @@ def reference_stats(ctx: StageContext, extractor):
     return stats, spec_hash
 
 
-def _features(shard_dir: Path, extractor, batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
+def _features(shard_dir: Path, extractor, batch_size: int, progress: bool,
+              png_dir: Optional[Path] = None) -> dict[str, torch.Tensor]:
     from replication.metrics.streaming import accumulate, iter_nhwc_shards
 
     shards = sorted(shard_dir.glob("shard_*.npy"))
     total = read_json(shard_dir / "index.json")["num_samples"]
-    return accumulate(iter_nhwc_shards(shards, batch_size), extractor, progress=progress, total=total)
+    return accumulate(iter_nhwc_shards(shards, batch_size), extractor, png_dir=png_dir, progress=progress, total=total)
 
 
 def _fid(feats: dict[str, torch.Tensor], ref) -> float:
@@ -106,13 +107,22 @@ def _reasons(ctx: StageContext, extra: list[str]) -> list[str]:
 def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
     from replication.metrics.evaluate import evaluate_samples
 
-    m, sampler, trainer = ctx.typed["metrics"], ctx.typed["sampler"], ctx.typed["trainer"]
+    m, sampler = ctx.typed["metrics"], ctx.typed["sampler"]
     extractor = build_feature_extractor(ctx)
     ref, spec_hash = reference_stats(ctx, extractor)
     samples_dir = ctx.run_dir / SAMPLES_DIR
     ctx.record_input(samples_dir / "index.json")
-    feats = _features(samples_dir, extractor, m.batch_size, ctx.progress)
-    res = evaluate_samples(feats, ref, m, extractor, spec_hash, progress=ctx.progress)
+    png_dir = ctx.stage_dir / "png" if m.export_png else None  # optional PNG export of the evaluated samples
+    feats = _features(samples_dir, extractor, m.batch_size, ctx.progress, png_dir)
+    pr_args: dict[str, Any] = {}
+    if m.pr and m.pr_protocol == "torch-fidelity-vgg16-k3":  # torch-fidelity's VGG16 variant, labelled as such
+        from replication.metrics.features import build_extractor
+
+        vgg = build_extractor("vgg16", m.vgg16_weights, ctx.device)
+        pr_ref, _ = reference_stats(ctx, vgg)
+        pr_args = {"pr_sample_feats": _features(samples_dir, vgg, m.batch_size, ctx.progress), "pr_reference": pr_ref,
+                   "pr_extractor": vgg}
+    res = evaluate_samples(feats, ref, m, extractor, spec_hash, progress=ctx.progress, **pr_args)
     ldm_meta = read_json(ctx.run_dir / LDM_META)
     series = read_json(ctx.run_dir / "sample" / "series.json")
     index = read_json(samples_dir / "index.json")

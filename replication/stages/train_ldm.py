@@ -20,12 +20,12 @@ def _latent_source(ctx: StageContext, first_stage: torch.nn.Module):
     """(num_items, moments_fn(indices, generator) -> moments, labels or None, flip)."""
     dataset = ctx.typed["dataset"]
     if ctx.typed["trainer"].use_latent_cache:
-        from replication.data.latents import LatentDataset
+        from replication.data.latents import LatentDataset, card_path
 
-        path = ctx.run_dir / "encode_latents" / "train.safetensors"
+        path = ctx.run_dir / "encode_latents" / "train.latents"
         if not path.exists():
             raise StageError(f"latent cache {path} is missing: run the encode_latents stage first")
-        ctx.record_input(path)
+        ctx.record_input(card_path(path))
         cache = LatentDataset(path)
 
         def moments_fn(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

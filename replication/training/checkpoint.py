@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from replication.utils.io import ArtifactError, torch_load_safe, torch_save_atomic
+from replication.utils.io import ArtifactError, check_free_space, torch_load_safe, torch_save_atomic
 
 STATE_PATTERN = re.compile(r"state_(\d{9})\.pt$")
 
@@ -53,8 +53,20 @@ def list_states(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def save_state(directory: Path, step: int, state: dict[str, Any], keep_last: int = 2) -> Path:
     path = state_path(directory, step)
+    # fail before writing rather than leave a truncated file (the previous checkpoints stay untouched)
+    check_free_space(directory, int(_nbytes(state) * 1.1) + (1 << 20), what=f"full-state checkpoint of step {step}")
     torch_save_atomic(path, state)
     for _, old in list_states(directory)[:-max(1, keep_last)]:
         old.unlink(missing_ok=True)
