@@ -263,7 +263,8 @@ def feature_flops(typed: dict[str, Any]) -> int:
 
 def _measure(step: Callable[[], Any], device: torch.device, warmup: int, iters: int, images_per_call: int,
              gflop_per_image: float, peak_tflops: float, fast: FastPath) -> dict[str, Any]:
-    """Warm up (compilation happens here), reset the memory peak, time `iters` calls: the steady state."""
+    """Warm up (compilation happens here), reset the memory peak, time `iters` calls: the steady state. A failure
+    (out of memory, a compile error) is recorded in the result's `error` instead of ending the run."""
     mem = PeakMemory(device)
     result: dict[str, Any] = {"levers": fast.levers() or ["eager fp32"], "error": None}
     try:
@@ -273,6 +274,10 @@ def _measure(step: Callable[[], Any], device: torch.device, warmup: int, iters: 
     except torch.OutOfMemoryError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         result["error"] = f"out of memory: {first_line}"
+        return result
+    except Exception as exc:  # noqa: BLE001 - one failed path (e.g. a compile error) must not lose the other rows
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        result["error"] = f"{type(exc).__name__}: {first_line}"[:300]
         return result
     img_per_s = images_per_call / timing.seconds_per_iter
     tflops = gflop_per_image * img_per_s / 1e3
@@ -427,7 +432,7 @@ def measure_features(typed: dict[str, Any], fast: FastPath, s: BenchSettings, gf
 # ---------------------------------------------------------------------------------------------- one run
 
 def _row(name: str, what: str, batch: int, gflop: float, baseline: dict[str, Any], fast: dict[str, Any],
-         experiment: str, device: str, rel_err: Optional[float] = None, **extra: Any) -> dict[str, Any]:
+         experiment: str, device: dict[str, Any], rel_err: Optional[float] = None, **extra: Any) -> dict[str, Any]:
     speedup = None
     if baseline.get("img_per_s") and fast.get("img_per_s"):
         speedup = fast["img_per_s"] / baseline["img_per_s"]
@@ -435,13 +440,17 @@ def _row(name: str, what: str, batch: int, gflop: float, baseline: dict[str, Any
            "speedup": speedup, "fast_vs_baseline_rel_err": rel_err, **extra}
     target = TARGETS.get((experiment, name))
     row["target"] = dataclasses.asdict(target) if target else None
-    row["verdict"] = verdict(experiment, name, fast, speedup, device)
+    row["verdict"] = verdict(experiment, name, fast, speedup, device["name"], device["type"])
     return row
 
 
-def verdict(experiment: str, row: str, fast: dict[str, Any], speedup: Optional[float], device: str) -> str:
-    """'met' / 'missed' per check: the 4x training ratio on any card, the H200 targets on an H200 only."""
+def verdict(experiment: str, row: str, fast: dict[str, Any], speedup: Optional[float], device: str,
+            device_type: str = "cuda") -> str:
+    """'met' / 'missed' per check: the 4x training ratio on any GPU, the H200 targets on an H200 only.
+    The CPU runs tiny shapes to test the benchmark itself; issue 7 sets no CPU target."""
     checks = []
+    if device_type != "cuda":
+        return "no target on the CPU"
     if row == "train":
         ok = speedup is not None and speedup >= MIN_TRAIN_SPEEDUP
         checks.append(f">= {MIN_TRAIN_SPEEDUP:g}x eager fp32: {'met' if ok else 'missed'}")
@@ -468,6 +477,69 @@ def gflop_checks(experiment: str, counted: dict[str, float]) -> dict[str, Any]:
     return checks
 
 
+@dataclass
+class _Run:
+    """What every row of one benchmark run shares."""
+
+    typed: dict[str, Any]
+    s: BenchSettings
+    device_info: dict[str, Any]
+    peak: float
+    unet: Optional[nn.Module]
+    first_stage: Optional[nn.Module]
+    counted: dict[str, float]
+
+    @property
+    def experiment(self) -> str:
+        return self.typed["root"].name
+
+
+def _compare(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[float]:
+    return relative_error(a, b) if a is not None and b is not None else None
+
+
+def _row_train(r: _Run) -> dict[str, Any]:
+    gflop = r.counted["train"] = unet_flops(r.typed, train=True) / 1e9
+    base, loss_b = measure_train(r.typed, r.unet, FastPath(), r.s, gflop, r.peak)
+    fast, loss_f = measure_train(r.typed, r.unet, r.s.fast, r.s, gflop, r.peak)
+    return _row("train", "forward+backward+AdamW+EMA per latent", r.s.batch, gflop, base, fast, r.experiment,
+                r.device_info, _compare(loss_f, loss_b))
+
+
+def _row_sample(r: _Run) -> dict[str, Any]:
+    gflop_step = r.counted["unet_forward"]
+    base, x_b = measure_sample(r.typed, r.unet, FastPath(), r.s, gflop_step, r.peak)
+    fast, x_f = measure_sample(r.typed, r.unet, r.s.fast, r.s, gflop_step, r.peak)
+    quoted = base.get("steps_quoted", SAMPLE_QUOTE_STEPS)
+    return _row("sample", f"{r.typed['sampler'].kind} at {quoted} steps per image", r.s.sample_batch,
+                gflop_step * quoted, base, fast, r.experiment, r.device_info, _compare(x_f, x_b),
+                steps_run=base.get("steps_run"))
+
+
+def _row_first_stage(r: _Run, what: str) -> Optional[dict[str, Any]]:
+    if r.first_stage is None or not any(True for _ in r.first_stage.parameters()):
+        return None  # pixel-space LDM: no first stage to time
+    gflop = r.counted[what] = first_stage_flops(r.typed, what) / 1e9
+    base, y_b = measure_first_stage(r.typed, r.first_stage, FastPath(), r.s, what, gflop, r.peak)
+    fast, y_f = measure_first_stage(r.typed, r.first_stage, r.s.fast, r.s, what, gflop, r.peak)
+    res = r.typed["autoencoder"].ddconfig.resolution
+    return _row(what, f"first stage {what} at {res}px", r.s.ae_batch, gflop, base, fast, r.experiment, r.device_info,
+                _compare(y_f, y_b))
+
+
+def _row_features(r: _Run) -> dict[str, Any]:
+    gflop = r.counted["features"] = feature_flops(r.typed) / 1e9
+    base, f_b, label = measure_features(r.typed, FastPath(), r.s, gflop, r.peak)
+    fast, f_f, _ = measure_features(r.typed, r.s.fast, r.s, gflop, r.peak)
+    return _row("features", f"FID features: {label}", r.s.feature_batch, gflop, base, fast, r.experiment,
+                r.device_info, _compare(f_f, f_b))
+
+
+ROW_MEASURES: dict[str, Callable[[_Run], Optional[dict[str, Any]]]] = {
+    "train": _row_train, "sample": _row_sample, "decode": lambda r: _row_first_stage(r, "decode"),
+    "encode": lambda r: _row_first_stage(r, "encode"), "features": _row_features}
+
+
 def run_bench(overrides: Sequence[str], s: BenchSettings, out_dir: Optional[Path] = None,
               tag: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
     """Measure every row of `s.rows`; write <out_dir>/<tag>.json/.md after each row (when out_dir is given)."""
@@ -475,15 +547,15 @@ def run_bench(overrides: Sequence[str], s: BenchSettings, out_dir: Optional[Path
     if unknown:
         raise BenchError(f"unknown row(s) {unknown}; allowed: {', '.join(ROWS)}")
     typed = compose_typed(overrides)
-    experiment = typed["root"].name
-    device = s.device
+    experiment, device = typed["root"].name, s.device
     say = print if progress else (lambda *a, **k: None)
     tag = tag or f"{device_slug(device)}-{slug(experiment)}"
     report: dict[str, Any] = {
         "schema": SCHEMA_VERSION, "experiment": experiment, "overrides": list(overrides),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
         "device": environment(device), "settings": _settings_dict(s), "baseline": FastPath().describe(),
-        "fast_path": s.fast.describe(), "rows": [], "numerics": {}, "gflop_check": {}}
+        "fast_path": s.fast.describe(), "rows": [], "numerics": {}, "gflop_check": {}, "counted_gflop": {},
+        "complete": False}
 
     def save() -> None:
         if out_dir is not None:
@@ -493,62 +565,29 @@ def run_bench(overrides: Sequence[str], s: BenchSettings, out_dir: Optional[Path
     with cuda_flags(benchmark=True) as flags:
         report["device"]["flags"] = flags if device.type == "cuda" else {}
         say(f"[bench] {experiment} on {report['device']['name']}: measuring the bf16 matmul peak")
-        peak = matmul_peak_tflops(device, torch.bfloat16)
-        report["peak_bf16_tflops"] = peak
+        report["peak_bf16_tflops"] = peak = matmul_peak_tflops(device, torch.bfloat16)
         report["peak_fp32_tflops"] = matmul_peak_tflops(device, torch.float32)
-        counted: dict[str, float] = {}
+        save()  # a run cut short still leaves its header and every finished row
         needs_unet = any(r in s.rows for r in ("train", "sample"))
-        if needs_unet:
-            counted["unet_forward"] = unet_flops(typed, train=False) / 1e9
         torch.manual_seed(s.seed)
-        unet = nonzero_init_(_build_unet(typed), s.seed) if needs_unet else None
-        first_stage = _build_first_stage(typed) if any(r in s.rows for r in ("encode", "decode")) else None
-        has_first_stage = first_stage is not None and any(True for _ in first_stage.parameters())
+        run = _Run(typed, s, report["device"], peak,
+                   unet=nonzero_init_(_build_unet(typed), s.seed) if needs_unet else None,
+                   first_stage=_build_first_stage(typed) if any(r in s.rows for r in ("encode", "decode")) else None,
+                   counted=report["counted_gflop"])
+        if needs_unet:
+            run.counted["unet_forward"] = unet_flops(typed, train=False) / 1e9
         for name in s.rows:
             say(f"[bench] row {name}: eager fp32 baseline, then {s.fast.describe()}")
-            if name == "train":
-                gflop = unet_flops(typed, train=True) / 1e9
-                counted["train"] = gflop
-                base, loss_b = measure_train(typed, unet, FastPath(), s, gflop, peak)
-                fast, loss_f = measure_train(typed, unet, s.fast, s, gflop, peak)
-                err = relative_error(loss_f, loss_b) if loss_b is not None and loss_f is not None else None
-                report["rows"].append(_row(name, "forward+backward+AdamW+EMA per latent", s.batch, gflop, base, fast,
-                                           experiment, report["device"]["name"], err))
-                report["numerics"]["train_first_loss_rel_diff"] = err
-            elif name == "sample":
-                gflop_step = counted["unet_forward"]
-                base, x_b = measure_sample(typed, unet, FastPath(), s, gflop_step, peak)
-                fast, x_f = measure_sample(typed, unet, s.fast, s, gflop_step, peak)
-                err = relative_error(x_f, x_b) if x_b is not None and x_f is not None else None
-                report["rows"].append(_row(name, f"{typed['sampler'].kind} at {SAMPLE_QUOTE_STEPS} steps per image",
-                                           s.sample_batch, gflop_step * base.get("steps_quoted", SAMPLE_QUOTE_STEPS),
-                                           base, fast, experiment, report["device"]["name"], err,
-                                           steps_run=base.get("steps_run")))
-                report["numerics"]["sample_rel_err"] = err
-            elif name in ("encode", "decode"):
-                if not has_first_stage:
-                    say(f"[bench] row {name}: skipped, the first stage has no parameters (pixel-space LDM)")
-                    continue
-                gflop = first_stage_flops(typed, name) / 1e9
-                counted[name] = gflop
-                base, y_b = measure_first_stage(typed, first_stage, FastPath(), s, name, gflop, peak)
-                fast, y_f = measure_first_stage(typed, first_stage, s.fast, s, name, gflop, peak)
-                err = relative_error(y_f, y_b) if y_b is not None and y_f is not None else None
-                report["rows"].append(_row(name, f"first stage {name} at {typed['autoencoder'].ddconfig.resolution}px",
-                                           s.ae_batch, gflop, base, fast, experiment, report["device"]["name"], err))
-                report["numerics"][f"{name}_rel_err"] = err
-            elif name == "features":
-                gflop = feature_flops(typed) / 1e9
-                base, f_b, label = measure_features(typed, FastPath(), s, gflop, peak)
-                fast, f_f, _ = measure_features(typed, s.fast, s, gflop, peak)
-                err = relative_error(f_f, f_b) if f_b is not None and f_f is not None else None
-                report["rows"].append(_row(name, f"FID features: {label}", s.feature_batch, gflop, base, fast,
-                                           experiment, report["device"]["name"], err))
-                report["numerics"]["features_rel_err"] = err
-            report["gflop_check"] = gflop_checks(experiment, counted)
-            report["counted_gflop"] = counted
+            row = ROW_MEASURES[name](run)
+            if row is None:
+                say(f"[bench]   {name}: skipped (the experiment has no first stage with weights)")
+                continue
+            report["rows"].append(row)
+            report["numerics"][name] = row["fast_vs_baseline_rel_err"]
+            report["gflop_check"] = gflop_checks(experiment, run.counted)
             save()
-            say(_row_line(report["rows"][-1]) if report["rows"] else "")
+            say(_row_line(row))
+    report["complete"] = True
     save()
     return report
 
@@ -582,48 +621,64 @@ def _row_line(row: dict[str, Any]) -> str:
             f"x{_fmt(row['speedup'], 2)}, MFU {_fmt((row['fast'].get('mfu') or 0) * 100)}%")
 
 
+INTRO = ("Eager fp32 baseline and fast path measured side by side in the same run; speed-ups are ratios of the two. "
+         "MFU = achieved TFLOP/s / the bf16 matrix-multiply peak measured in the same run (on a shared CPU that "
+         "peak is noisy and MFU can exceed 100%). GFLOP counted with torch.utils.flop_counter (2 per "
+         "multiply-accumulate; matmuls, convolutions, attention). Sampling is quoted per image at "
+         f"{SAMPLE_QUOTE_STEPS} DDIM steps. "
+         "Regenerate: `python -m replication.bench experiment=NAME` with the JSON's `settings`.")
+TABLE_HEAD = ("| row | what | batch | GFLOP/img | eager fp32 img/s | fast img/s | speed-up | fast levers | fast TFLOP/s "
+              "| MFU eager | MFU fast | peak GiB eager / fast | fast warm-up s | original code (H200) | verdict |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _pct(mode: dict[str, Any]) -> str:
+    return f"{_fmt(mode['mfu'] * 100)}%" if mode.get("mfu") is not None else "-"
+
+
+def _table_row(row: dict[str, Any]) -> str:
+    b, f, t = row["baseline"], row["fast"], row.get("target")
+    original = "-"
+    if t:
+        original = f"{_fmt(t['original_img_per_s'])} img/s"
+        if t.get("original_mem_gib"):
+            original += f", {_fmt(t['original_mem_gib'])} GiB"
+    memory = f"{_fmt(b.get('peak_mem_gib'), 2)} / {_fmt(f.get('peak_mem_gib'), 2)}"
+    cells = [row["row"], row["what"], row["batch"], _fmt(row["gflop_per_img"], 2), _rate(b), _rate(f),
+             _fmt(row["speedup"], 2), "+".join(f.get("levers", [])), _fmt(f.get("tflops"), 2), _pct(b), _pct(f),
+             memory, _fmt(f.get("warmup_seconds")), original, row.get("verdict") or "-"]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _section(rep: dict[str, Any]) -> list[str]:
+    dev = rep["device"]
+    lines = [f"## {rep['experiment']} on {dev['name']}", "",
+             f"{rep['created']}, torch {dev['torch']}, commit {rep.get('git_commit') or '-'}, {dev.get('threads')} "
+             f"threads. bf16 matmul peak measured: {_fmt(rep.get('peak_bf16_tflops'), 2)} TFLOP/s (fp32 "
+             f"{_fmt(rep.get('peak_fp32_tflops'), 2)}). Fast path: {rep['fast_path']}.", "", TABLE_HEAD]
+    lines += [_table_row(row) for row in rep["rows"]]
+    if not rep.get("complete", True):
+        lines += ["", f"INCOMPLETE: the run stopped (time limit or error) before rows "
+                  f"{', '.join(r for r in rep['settings']['rows'] if r not in {x['row'] for x in rep['rows']})}."]
+    if rep.get("numerics"):
+        errors = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in rep["numerics"].items())
+        lines += ["", "Fast path vs eager fp32 on the same weights and inputs, relative L2 error (train: of the first "
+                  f"step's loss; sample: of the latents after the timed steps; others: of the outputs): {errors}."]
+    if rep.get("gflop_check"):
+        checks = ", ".join(f"{k} {_fmt(v['counted'], 2)} vs {_fmt(v['original_code'], 2)}"
+                           for k, v in rep["gflop_check"].items())
+        lines += ["", f"GFLOP/img against the original networks' count (shared/ANCHORS.md): {checks}."]
+    kinds = sorted({m["peak_mem_kind"] for r in rep["rows"] for m in (r["baseline"], r["fast"])
+                    if m.get("peak_mem_kind")})
+    if kinds:
+        lines += ["", f"Peak memory: {', '.join(kinds)} during the timed iterations."]
+    return lines + [""]
+
+
 def render_markdown(reports: Sequence[dict[str, Any]]) -> str:
-    lines = ["# Throughput benchmark (issue 7)", "",
-             "Eager fp32 baseline and fast path measured side by side in the same run; speed-ups are ratios of the two. "
-             "MFU = achieved TFLOP/s / the bf16 matrix-multiply peak measured in the same run. GFLOP counted with "
-             "torch.utils.flop_counter (2 per multiply-accumulate; matmuls, convolutions, attention). Sampling is "
-             f"quoted per image at {SAMPLE_QUOTE_STEPS} DDIM steps. Regenerate: `python -m replication.bench "
-             "experiment=NAME` (see the JSON's `settings`).", ""]
+    lines = ["# Throughput benchmark (issue 7)", "", INTRO, ""]
     for rep in reports:
-        dev = rep["device"]
-        lines += [f"## {rep['experiment']} on {dev['name']}", "",
-                  f"{rep['created']}, torch {dev['torch']}, commit {rep.get('git_commit') or '-'}, "
-                  f"{dev.get('threads')} threads. bf16 matmul peak measured: {_fmt(rep.get('peak_bf16_tflops'), 2)} TFLOP/s "
-                  f"(fp32 {_fmt(rep.get('peak_fp32_tflops'), 2)}). Fast path: {rep['fast_path']}.", "",
-                  "| row | what | batch | GFLOP/img | eager fp32 img/s | fast img/s | speed-up | fast TFLOP/s "
-                  "| MFU eager | MFU fast | peak GiB eager / fast | original code (H200) | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for row in rep["rows"]:
-            b, f, t = row["baseline"], row["fast"], row.get("target")
-            original = "-"
-            if t:
-                original = f"{_fmt(t['original_img_per_s'])} img/s"
-                if t.get("original_mem_gib"):
-                    original += f", {_fmt(t['original_mem_gib'])} GiB"
-            mfu_b = _fmt(b["mfu"] * 100) + "%" if b.get("mfu") is not None else "-"
-            mfu_f = _fmt(f["mfu"] * 100) + "%" if f.get("mfu") is not None else "-"
-            lines.append(f"| {row['row']} | {row['what']} | {row['batch']} | {_fmt(row['gflop_per_img'], 2)} | {_rate(b)} "
-                         f"| {_rate(f)} | {_fmt(row['speedup'], 2)} | {_fmt(f.get('tflops'), 2)} | {mfu_b} | {mfu_f} "
-                         f"| {_fmt(b.get('peak_mem_gib'), 2)} / {_fmt(f.get('peak_mem_gib'), 2)} | {original} "
-                         f"| {row.get('verdict') or '-'} |")
-        num = rep.get("numerics", {})
-        if num:
-            lines += ["", "Fast path vs eager fp32 on the same weights and inputs (relative L2 error): " +
-                      ", ".join(f"{k} {_fmt(v, 4)}" for k, v in num.items()) + "."]
-        checks = rep.get("gflop_check", {})
-        if checks:
-            lines += ["", "GFLOP/img against the original networks' count (shared/ANCHORS.md): " +
-                      ", ".join(f"{k} {_fmt(v['counted'], 2)} vs {_fmt(v['original_code'], 2)}" for k, v in checks.items())
-                      + "."]
-        kinds = {m.get("peak_mem_kind") for r in rep["rows"] for m in (r["baseline"], r["fast"]) if m.get("peak_mem_kind")}
-        if kinds:
-            lines += ["", f"Peak memory: {', '.join(sorted(kinds))} during the timed iterations."]
-        lines.append("")
+        lines += _section(rep)
     return "\n".join(lines)
 
 
@@ -678,7 +733,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="reports/benchmarks", help="output folder")
     p.add_argument("--tag", default=None, help="output file stem (default: <device>-<experiment>)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge result files instead of measuring")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines and no table")
+    p.add_argument("--no-table", action="store_true", help="progress lines only; the table is in <out>/<tag>.md")
     return p.parse_args(argv)
 
 
@@ -721,7 +777,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     typed = compose_typed(overrides)
     settings = settings_from_args(args, typed)
     report = run_bench(overrides, settings, out, args.tag, progress=not args.quiet)
-    if not args.quiet:
+    if not (args.quiet or args.no_table):
         print(render_markdown([report]))
     return 0
 

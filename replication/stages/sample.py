@@ -31,7 +31,13 @@ class Generator:
 
     def __init__(self, unet: torch.nn.Module, first_stage: torch.nn.Module, scale_factor: float, typed: dict[str, Any],
                  device: torch.device):
+        from replication.perf import FastForward, FastPath
+
+        speed = typed["root"].sampling_speed
+        fast = FastPath(bf16=speed.precision.value == "bf16", channels_last=speed.channels_last, compile=speed.compile,
+                        compile_mode=speed.compile_mode) if device.type == "cuda" else FastPath()
         self.unet, self.first_stage, self.scale_factor = unet, first_stage, scale_factor
+        self.unet_call = FastForward(unet, fast, device)  # the decoder stays eager fp32
         self.typed, self.device = typed, device
         self.schedule = typed["diffusion"].make_schedule()
         self.num_classes = num_label_classes(typed)
@@ -43,8 +49,8 @@ class Generator:
         from replication.diffusion.guidance import classifier_free
 
         if labels is None:
-            return lambda x, t: self.unet(x, t)
-        model = lambda x, t, y: self.unet(x, t, y=y)  # noqa: E731
+            return lambda x, t: self.unet_call(x, t)
+        model = lambda x, t, y: self.unet_call(x, t, y=y)  # noqa: E731
         if self.null_class is None and guidance_scale != 1.0:
             raise StageError("classifier-free guidance needs diffusion.null_class (1000 for class-conditional ImageNet)")
         null = torch.full_like(labels, self.null_class if self.null_class is not None else 0)

@@ -1,0 +1,213 @@
+"""The issue-7 benchmark: it runs end to end on the smoke experiment on the CPU and writes complete results, its
+derived numbers follow from its measured ones, and its FLOP counts agree with hand counts and with the original
+networks' independently measured counts (shared/ANCHORS.md)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from replication.bench import (MIN_TRAIN_SPEEDUP, ORIGINAL_GFLOP, ROWS, SAMPLE_QUOTE_STEPS, TARGETS, BenchError,
+                               compose_typed, first_stage_flops, main, merge_reports, parse_args, run_bench,
+                               settings_from_args, unet_flops, verdict)
+from replication.perf import FastPath, PeakMemory, PerfError, count_flops, matmul_peak_tflops, time_fn
+
+# every lever but compile, which takes ~45 s on this CPU (see the slow test in tests/test_numerics.py)
+FAST = "bf16,channels_last,fused_adam"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the CPU is shared; one intra-op thread keeps tiny kernels from spinning against each other
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["experiment=smoke", "--device", "cpu", "--batch", "4", "--sample-batch", "4", "--steps", "2",
+                   "--warmup", "1", "--sample-steps", "2", "--fast", FAST, "--out", str(out), "--tag", "smoke",
+                   "--quiet"])
+    finally:
+        torch.set_num_threads(old)
+    assert rc == 0
+    return out
+
+
+def test_smoke_bench_writes_every_field(smoke_run):
+    report = json.loads((smoke_run / "smoke.json").read_text())
+    assert report["experiment"] == "smoke" and report["device"]["type"] == "cpu" and report["complete"] is True
+    assert report["baseline"] == "eager fp32" and report["fast_path"] == "bf16+channels_last+fused_adam"
+    peak = report["peak_bf16_tflops"]
+    assert peak > 0 and report["peak_fp32_tflops"] > 0
+    assert [row["row"] for row in report["rows"]] == list(ROWS)
+    for row in report["rows"]:
+        assert row["gflop_per_img"] > 0
+        for mode in ("baseline", "fast"):
+            m = row[mode]
+            assert m["error"] is None
+            for key in ("img_per_s", "tflops", "mfu", "peak_mem_gib", "seconds_per_iter"):
+                assert math.isfinite(m[key]) and m[key] > 0, (row["row"], mode, key)
+            # derived numbers follow from the measured ones
+            assert m["tflops"] == pytest.approx(row["gflop_per_img"] * m["img_per_s"] / 1e3, rel=1e-9)
+            assert m["mfu"] == pytest.approx(m["tflops"] / peak, rel=1e-9)
+        assert row["baseline"]["levers"] == ["eager fp32"]
+        assert row["speedup"] == pytest.approx(row["fast"]["img_per_s"] / row["baseline"]["img_per_s"], rel=1e-9)
+        assert row["verdict"] == "no target on the CPU"
+        assert row["fast_vs_baseline_rel_err"] is not None and math.isfinite(row["fast_vs_baseline_rel_err"])
+    by_name = {row["row"]: row for row in report["rows"]}
+    train = by_name["train"]
+    assert train["fast"]["levers"] == ["bf16", "channels_last", "fused_adam"]
+    assert train["baseline"]["img_per_s"] == pytest.approx(4 / train["baseline"]["seconds_per_iter"], rel=1e-9)
+    # sampling: one timed call runs `steps_run` DDIM steps on 4 samples; img/s is quoted at 200 steps
+    sample = by_name["sample"]
+    assert sample["steps_run"] == 2 and sample["baseline"]["steps_quoted"] == SAMPLE_QUOTE_STEPS
+    per_step = sample["baseline"]["seconds_per_iter"] / 2
+    assert sample["baseline"]["img_per_s"] == pytest.approx(4 / (per_step * SAMPLE_QUOTE_STEPS), rel=1e-9)
+    assert sample["gflop_per_img"] == pytest.approx(report["counted_gflop"]["unet_forward"] * SAMPLE_QUOTE_STEPS)
+    assert "fused_adam" not in sample["fast"]["levers"]  # no optimizer in sampling
+    assert by_name["features"]["fast"]["levers"] == ["channels_last"]  # FID features stay fp32
+    assert by_name["features"]["fast_vs_baseline_rel_err"] < 1e-5
+    # a training step is forward + backward: 3 forwards' worth of FLOP, less the first conv's unneeded input grad
+    ratio = report["counted_gflop"]["train"] / report["counted_gflop"]["unet_forward"]
+    assert 2.5 < ratio <= 3.0
+
+
+def test_smoke_bench_markdown_table(smoke_run):
+    text = (smoke_run / "smoke.md").read_text()
+    assert "| row | what | batch | GFLOP/img | eager fp32 img/s | fast img/s | speed-up | fast levers |" in text
+    for name in ROWS:
+        assert f"| {name} |" in text
+    assert "bf16 matmul peak measured" in text and "MFU" in text
+
+
+def test_merge_writes_one_table_for_several_runs(smoke_run, tmp_path):
+    first = json.loads((smoke_run / "smoke.json").read_text())
+    second = dict(first, experiment="smoke_copy")
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    merged = merge_reports([smoke_run / "smoke.json", tmp_path / "b.json"], tmp_path, tag="both")
+    data = json.loads((tmp_path / "both.json").read_text())
+    assert [r["experiment"] for r in data["reports"]] == ["smoke", "smoke_copy"]
+    text = (tmp_path / "both.md").read_text()
+    assert "## smoke on" in text and "## smoke_copy on" in text and merged["markdown"] == text
+    with pytest.raises(BenchError, match="missing.json"):
+        merge_reports([tmp_path / "missing.json"], tmp_path)
+
+
+def test_flop_counter_equals_hand_count():
+    b, c_in, c_out, hw, k, n_out = 2, 3, 8, 6, 3, 10
+    net_fn = lambda: nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=1), nn.ReLU(), nn.Flatten(),  # noqa: E731
+                                   nn.Linear(c_out * hw * hw, n_out))
+    x = torch.randn(b, c_in, hw, hw)
+    conv = 2 * c_in * k * k * c_out * hw * hw * b  # 2 FLOP per multiply-accumulate
+    linear = 2 * c_out * hw * hw * n_out * b
+    for fake in (True, False):
+        assert count_flops(net_fn, lambda net: net(x), fake=fake) == conv + linear
+        # backward: the conv needs only its weight gradient (input needs no grad), the linear both gradients
+        assert count_flops(net_fn, lambda net: net(x).sum().backward(), fake=fake) == 2 * conv + 3 * linear
+
+
+def test_flop_counter_counts_cpu_attention():
+    bsz, heads, length, d = 2, 4, 16, 8
+    q, k, v = (torch.randn(bsz, heads, length, d, requires_grad=True) for _ in range(3))
+    fwd = 2 * 2 * bsz * heads * length * length * d  # QK^T and PV
+    assert count_flops(lambda: None, lambda _: F.scaled_dot_product_attention(q, k, v), fake=False) == fwd
+    # flash backward: recomputed QK^T plus dV, dP, dQ, dK: five products of the same size
+    total = count_flops(lambda: None, lambda _: F.scaled_dot_product_attention(q, k, v).sum().backward(), fake=False)
+    assert total == fwd + 5 * fwd // 2
+
+
+def test_paper_network_gflop_equal_the_original_networks_count():
+    """Counted on fake tensors (no memory, seconds), against the count taken from the original code (ANCHORS.md),
+    which is given to 4 significant digits."""
+    counted = {}
+    for experiment in ("lsun_churches_ldm8", "celebahq_ldm4"):
+        typed = compose_typed([f"experiment={experiment}"])
+        counted[(experiment, "unet_forward")] = unet_flops(typed, train=False) / 1e9
+        if experiment == "lsun_churches_ldm8":
+            counted[(experiment, "encode")] = first_stage_flops(typed, "encode") / 1e9
+            counted[(experiment, "decode")] = first_stage_flops(typed, "decode") / 1e9
+    for key, original in ORIGINAL_GFLOP.items():
+        assert counted[key] == pytest.approx(original, rel=2e-4), key
+
+
+def test_verdicts_follow_the_stated_targets():
+    h200, h100 = "NVIDIA H200", "NVIDIA H100 80GB HBM3"
+    churches = TARGETS[("lsun_churches_ldm8", "train")]
+    ok = {"img_per_s": churches.min_img_per_s + 1, "peak_mem_gib": 10.0}
+    slow = {"img_per_s": churches.min_img_per_s - 1, "peak_mem_gib": 10.0}
+    assert verdict("lsun_churches_ldm8", "train", ok, MIN_TRAIN_SPEEDUP, h200) == \
+        ">= 4x eager fp32: met; >= 1300 img/s: met"
+    assert verdict("lsun_churches_ldm8", "train", slow, MIN_TRAIN_SPEEDUP - 0.1, h200) == \
+        ">= 4x eager fp32: missed; >= 1300 img/s: missed"
+    assert "not applicable" in verdict("lsun_churches_ldm8", "train", ok, 5.0, h100)
+    assert verdict("lsun_churches_ldm8", "train", ok, 5.0, h100).startswith(">= 4x eager fp32: met")
+    celeb = {"img_per_s": 500.0, "peak_mem_gib": 41.0}
+    assert "<= 40 GiB: missed" in verdict("celebahq_ldm4", "train", celeb, 5.0, h200)
+    assert verdict("smoke", "decode", ok, 1.0, h200) == ""
+    assert verdict("smoke", "train", ok, 1.0, "CPU x", device_type="cpu") == "no target on the CPU"
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(PerfError, match="bf17"):
+        FastPath.parse("bf16,bf17")
+    typed = compose_typed(["experiment=smoke"])
+    with pytest.raises(BenchError, match="--batch"):
+        settings_from_args(parse_args(["experiment=smoke", "--device", "cpu", "--batch", "0"]), typed)
+    s = settings_from_args(parse_args(["experiment=smoke", "--device", "cpu", "--rows", "train,flying"]), typed)
+    with pytest.raises(BenchError, match="flying"):
+        run_bench(["experiment=smoke"], s, None, progress=False)
+
+
+def test_fast_path_defaults_and_parsing():
+    assert FastPath.parse("all").levers() == ["bf16", "channels_last", "compile", "fused_adam"]
+    assert FastPath.parse("none") == FastPath.eager_fp32() and FastPath().describe() == "eager fp32"
+    assert FastPath.parse("compile:max-autotune").describe() == "compile:max-autotune"
+    paper = FastPath.from_trainer(compose_typed(["experiment=lsun_churches_ldm8"])["trainer"])
+    assert paper.levers() == ["bf16", "channels_last", "compile", "fused_adam"]
+    assert FastPath.from_trainer(compose_typed(["experiment=smoke"])["trainer"]).levers() == []
+    assert not FastPath.for_device("cpu").compile
+    assert FastPath.parse("all").only("bf16", "channels_last").levers() == ["bf16", "channels_last"]
+
+
+def test_timing_memory_and_peak_helpers():
+    calls = []
+    timing = time_fn(lambda: calls.append(1), "cpu", iters=3, warmup=2)
+    assert len(calls) == 5 and timing.iters == 3 and timing.seconds_per_iter >= 0
+    assert matmul_peak_tflops("cpu", torch.float32, sizes=(64, 128), seconds=0.02) > 0
+    mem = PeakMemory("cpu")
+    mem.reset()
+    before = mem.peak_gib()
+    if before is None:
+        pytest.skip("no /proc peak-RSS on this platform")
+    block = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+    assert mem.peak_gib() - before >= 0.9 * 64 / 1024
+    del block
+
+
+def test_a_failed_path_is_recorded_not_fatal():
+    from replication.bench import _measure, _row, render_markdown
+
+    def broken() -> None:
+        raise RuntimeError("inductor failed\nlong details")
+
+    failed = _measure(broken, torch.device("cpu"), warmup=1, iters=1, images_per_call=4, gflop_per_image=1.0,
+                      peak_tflops=1.0, fast=FastPath(compile=True))
+    assert failed["error"] == "RuntimeError: inductor failed" and "img_per_s" not in failed
+    ok = _measure(lambda: None, torch.device("cpu"), warmup=0, iters=2, images_per_call=4, gflop_per_image=1.0,
+                  peak_tflops=1.0, fast=FastPath())
+    row = _row("train", "step", 4, 1.0, ok, failed, "smoke", {"name": "CPU", "type": "cpu"})
+    assert row["speedup"] is None
+    report = {"experiment": "smoke", "device": {"name": "CPU", "torch": torch.__version__, "threads": 1},
+              "created": "now", "fast_path": "compile", "rows": [row]}
+    assert "RuntimeError: inductor failed" in render_markdown([report])
