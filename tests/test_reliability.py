@@ -90,7 +90,10 @@ def test_reliability_tool_writes_report_and_figure(tmp_path, monkeypatch):
     assert "bit-identical | True" in (tmp_path / "out" / "kill_resume.md").read_text()
 
 
-def test_killed_sampling_resumes_to_identical_images_whatever_the_batch_size(uninterrupted, tmp_path):
+def test_killed_sampling_resumes_to_identical_images(uninterrupted, tmp_path):
+    """Killed mid-way and rerun, only the missing shards are made and the set equals an uninterrupted run
+    bit for bit. With another batch size, per-sample seeds give the same images up to float rounding: CPU
+    kernels block batches of different sizes differently, which can move a pixel by one grey level."""
     import shutil
 
     from replication.stages.sample import load_samples
@@ -98,12 +101,12 @@ def test_killed_sampling_resumes_to_identical_images_whatever_the_batch_size(uni
     shutil.copytree(uninterrupted, tmp_path / "w")
     w = tmp_path / "w"
     common = ["experiment=smoke", *paths_overrides(w), *TRAIN, "sampler.num_samples=96", "sample_shard_size=16"]
-    run_module("replication.stages.sample", common + ["sampler.batch_size=16"])
-    reference = load_samples(w / "runs" / "smoke" / "sample" / "samples")
+    shards = w / "runs" / "smoke" / "sample" / "samples"
+    run_module("replication.stages.sample", common + ["sampler.batch_size=8"])
+    reference = load_samples(shards)
     shutil.rmtree(w / "runs" / "smoke" / "sample")
     proc = subprocess.Popen([sys.executable, "-m", "replication.stages.sample", *common, "sampler.batch_size=8"],
                             env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shards = w / "runs" / "smoke" / "sample" / "samples"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(shards.glob("shard_*.npy"))) < 2 and proc.poll() is None:
         time.sleep(0.05)
@@ -111,27 +114,39 @@ def test_killed_sampling_resumes_to_identical_images_whatever_the_batch_size(uni
     proc.wait(timeout=60)
     made_before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard_*.npy")}
     assert 0 < len(made_before) < 6
-    assert not list(shards.glob("*.tmp")) or True  # temp files may remain; they are never read as shards
-    run_module("replication.stages.sample", common + ["sampler.batch_size=12"])
+    run_module("replication.stages.sample", common + ["sampler.batch_size=8"])
     for name, mtime in made_before.items():
         assert (shards / name).stat().st_mtime_ns == mtime, f"{name} was remade"
     resumed = load_samples(shards)
     assert resumed.shape == reference.shape and np.array_equal(resumed, reference)
+    # another batch size: the same images up to one grey level on a tiny fraction of pixels
+    shutil.rmtree(w / "runs" / "smoke" / "sample")
+    run_module("replication.stages.sample", common + ["sampler.batch_size=12"])
+    other = load_samples(shards)
+    diff = np.abs(other.astype(int) - reference.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-4, (diff.max(), (diff > 0).mean())
 
 
 def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(prepared, tmp_path):
+    import numpy as np
+
     tmp_path = tmp_path / "w"
     _clone_run(prepared, tmp_path)
     subprocess.run(_train_cmd(tmp_path), env=env(), cwd=REPO, check=True, capture_output=True, timeout=600)
     state_dir = tmp_path / "runs" / "smoke" / "train_ldm" / "state"
     before = {p.name: p.read_bytes() for p in state_dir.iterdir()}
-    proc = subprocess.run(_train_cmd(tmp_path)[:-len(TRAIN)] + [*TRAIN[1:], "trainer.steps=80", "trainer.base_lr=1e30"],
-                          env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    # corrupt the latent cache in place (as a bad disk or a bad encoder would): every later batch is NaN
+    moments = np.load(tmp_path / "runs" / "smoke" / "encode_latents" / "train.latents" / "moments.npy", mmap_mode="r+")
+    moments[:] = np.nan
+    moments.flush()
+    del moments
+    proc = subprocess.run(_train_cmd(tmp_path) + ["trainer.steps=80"], env=env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode != 0
-    assert "loss is nan" in proc.stderr.lower() or "loss is inf" in proc.stderr.lower(), proc.stderr[-2000:]
+    assert "loss is nan" in proc.stderr.lower(), proc.stderr[-2000:]
+    assert "last good full-state checkpoint" in proc.stderr
     after = {p.name: p.read_bytes() for p in state_dir.iterdir()}
-    for name, data in before.items():
-        assert after.get(name) == data, f"{name} was damaged"
+    assert after == before, "checkpoints were changed or added after the NaN"
 
 
 def test_mismatched_checkpoint_names_the_tensors(prepared, tmp_path):
@@ -139,7 +154,7 @@ def test_mismatched_checkpoint_names_the_tensors(prepared, tmp_path):
     _clone_run(prepared, tmp_path)
     subprocess.run(_train_cmd(tmp_path)[:-len(TRAIN)] + [*TRAIN[1:], "trainer.steps=5"], env=env(), cwd=REPO,
                    check=True, capture_output=True, timeout=600)
-    proc = subprocess.run(_train_cmd(tmp_path)[:-len(TRAIN)] + [*TRAIN[1:], "trainer.steps=10", "unet.model_channels=16"],
+    proc = subprocess.run(_train_cmd(tmp_path)[:-len(TRAIN)] + [*TRAIN[1:], "trainer.steps=10", "unet.model_channels=64"],
                           env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "does not fit the configured model" in proc.stderr and "shape mismatch" in proc.stderr

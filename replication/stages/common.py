@@ -81,6 +81,16 @@ class StageContext:
             self.inputs[str(path)] = sha256_file(path)
 
 
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,6 +193,7 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
     device = resolve_device(root.device)
     if root.cpu_threads:
         torch.set_num_threads(root.cpu_threads)
+    seed_everything(root.seed)  # weight initialisation and any library randomness repeat run to run
     ctx = StageContext(name=stage, cfg=cfg, typed=typed, run_dir=run_dir, stage_dir=stage_dir, device=device,
                        progress=root.progress)
     run_dir.mkdir(parents=True, exist_ok=True)

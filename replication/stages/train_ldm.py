@@ -123,25 +123,29 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     if trainer.accumulate_grad_batches != 1:
         raise StageError("trainer.accumulate_grad_batches > 1 is not implemented yet; raise batch_size or use more processes")
 
-    # scale_by_std (original ddpm.py on_train_batch_start): 1/std of the first batch's latents, fixed for the run
-    extra: dict[str, Any] = {"scale_factor": float(diffusion.scale_factor)}
+    # scale_by_std (original ddpm.py on_train_batch_start): 1/std of the first batch's latents, computed once and
+    # kept in the full-state checkpoint (filled by train_loop: from the checkpoint, or init_extra on a fresh start)
+    extra: dict[str, Any] = {}
 
     def latents(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         noise = torch.randn(moments.shape[0], first_stage.latent_channels, *moments.shape[2:], generator=generator)
         return first_stage.latent_from_moments(moments.to(device), noise=noise.to(device))
 
-    if diffusion.scale_by_std:
+    def init_extra() -> dict[str, Any]:
+        if not diffusion.scale_by_std:
+            return {"scale_factor": float(diffusion.scale_factor)}
         from replication.diffusion.objective import scale_by_std_factor
 
         g = torch.Generator().manual_seed(ctx.root.seed)
         first = torch.arange(min(trainer.batch_size, num_items))
-        extra["scale_factor"] = float(scale_by_std_factor(latents(moments_fn(first, g), g)))
-        ctx.stats(event="scale_by_std", scale_factor=extra["scale_factor"])
+        scale = float(scale_by_std_factor(latents(moments_fn(first, g), g)))
+        ctx.stats(event="scale_by_std", scale_factor=scale)
+        return {"scale_factor": scale}
 
     null_class = diffusion.null_class
 
     def batch_fn(indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        z = latents(moments_fn(indices, generator), generator) * extra_state_ref["scale_factor"]
+        z = latents(moments_fn(indices, generator), generator) * extra["scale_factor"]
         cond = None
         if num_classes:
             cond = labels[indices].long()
@@ -149,7 +153,6 @@ def _body(ctx: StageContext) -> dict[str, Any]:
                 cond = drop_condition(cond, torch.full_like(cond, null_class), diffusion.cond_drop_prob, generator)
         return z, cond
 
-    extra_state_ref = extra
     snapshots = ctx.run_dir / LDM_SNAPSHOTS
 
     def on_snapshot(step: int) -> None:
@@ -164,9 +167,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         channels_last=trainer.channels_last, compile=trainer.compile, fused_adam=trainer.fused_adam,
         snapshot_every=trainer.eval_every, progress=ctx.progress)
     summary = train_loop(unet, ema, schedule, batch_fn, num_items, settings, ctx.run_dir / LDM_STATE_DIR, ctx.stats,
-                         device, dist, extra_state=extra, on_snapshot=on_snapshot)
-    if summary["extra_state"]:
-        extra.update(summary["extra_state"])
+                         device, dist, extra_state=extra, init_extra=init_extra, on_snapshot=on_snapshot)
     outputs: list[Path] = []
     if dist.is_main:
         save_tensors(ctx.run_dir / LDM_RAW, unet.state_dict())

@@ -89,13 +89,18 @@ def train_loop(
     device: torch.device,
     dist: DistInfo = DistInfo(),
     extra_state: Optional[dict[str, Any]] = None,
+    init_extra: Optional[Callable[[], dict[str, Any]]] = None,
     on_snapshot: Optional[Callable[[int], None]] = None,
     stop_after: Optional[int] = None,
 ) -> dict[str, Any]:
     """Train until `settings.steps` (or `stop_after` steps in this call, for tests); resume if a state exists.
 
-    Returns {"step", "resumed_from", "last_loss", "extra_state"}.
+    `extra_state` is a mutable dict of run constants that travel with the checkpoint (e.g. scale_factor): on
+    resume it is refilled from the checkpoint, on a fresh start from `init_extra()` (computed once, as the
+    original computes scale_by_std once on its first batch). Returns {"step", "resumed_from", "last_loss",
+    "extra_state"}.
     """
+    extra_state = {} if extra_state is None else extra_state
     generator = torch.Generator().manual_seed(settings.seed * dist.world_size + dist.rank)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -116,8 +121,12 @@ def train_loop(
         order.load_state_dict(state["data_order"])
         set_rng_state(state["rng"], generator)
         step = resumed_from = int(state["step"])
-        extra_state = state.get("extra", extra_state)
+        extra_state.clear()
+        extra_state.update(state.get("extra") or {})
         log.info("resumed from step %d (%s)", step, state_dir)
+
+    elif init_extra is not None:
+        extra_state.update(init_extra())
 
     forward_model = model
     if dist.enabled:
