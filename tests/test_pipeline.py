@@ -119,3 +119,16 @@ def test_dvc_repro_smoke_in_a_copy(tmp_path):
     assert shown.returncode == 0 and "FID" in shown.stdout
     status = subprocess.run(["dvc", "status", "report@smoke"], cwd=repo, env=e, capture_output=True, text=True)
     assert "changed" not in status.stdout, status.stdout
+
+
+def test_autoencoder_experiment_end_to_end(tmp_path):
+    """The Table 8 chain (prepare -> train first stage -> reconstruction metrics -> report) on the smoke data."""
+    run_module("replication.run", ["experiment=smoke_ae", *paths_overrides(tmp_path)])
+    recon = json.loads((tmp_path / "runs" / "smoke_ae" / "recon_metrics.json").read_text())
+    assert recon["comparable"] is False and recon["paper"] == {"name": "kl-f4"} and recon["f"] == 4
+    for key in ("rFID", "PSNR", "SSIM", "LPIPS"):
+        assert math.isfinite(recon["metrics"][key]["value"]), key
+    assert recon["metrics"]["PSNR"]["std"] >= 0 and recon["n_images"] == 64
+    table = (tmp_path / "reports" / "smoke_ae.md").read_text()
+    assert "NOT COMPARABLE" in table.upper() and "kl-f4" in table and "27.53" in table  # Tab. 8 PSNR of kl-f4
+    assert not (tmp_path / "runs" / "smoke_ae" / "train_ldm").exists()

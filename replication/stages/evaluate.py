@@ -188,7 +188,8 @@ def _evaluate_autoencoder(ctx: StageContext) -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "experiment": ctx.root.name, "autoencoder": ctx.typed["autoencoder"].name,
             "f": int(getattr(model, "downsampling_factor", 1)), "comparable": not reasons,
             "not_comparable_reasons": reasons, "metrics": res["metrics"], "n_images": res["n_images"],
-            "paper": _paper_ref(ctx), "protocol": {**res["protocol"], "split": split, "dataset": dataset.name}}
+            "paper": {"name": ctx.root.paper.name} if ctx.root.paper.name else None,  # key into autoencoders.csv
+            "protocol": {**res["protocol"], "split": split, "dataset": dataset.name}}
 
 
 def _lpips(ctx: StageContext):
