@@ -2,24 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e.update({"DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg",
-              "PYTHONPATH": str(REPO) + os.pathsep + e.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"})
-    return e
-
-
-def paths_overrides(tmp: Path) -> list[str]:
-    return [f"runs_root={tmp / 'runs'}", f"reports_dir={tmp / 'reports'}", f"data_root={tmp / 'data'}",
-            "progress=false"]
+from replication.reliability import REPO, child_env as env, paths_overrides  # noqa: F401 (re-exported for tests)
 
 
 def run_module(module: str, overrides: list[str], cwd: Path | None = None, timeout: float = 600,

@@ -114,5 +114,5 @@ def test_original_style_checkpoint_loads_through_helper():
     assert isinstance(model, VQModel)
     load_first_stage_state(model, state, prefix="first_stage_model.")
     state.pop("first_stage_model.decoder.conv_out.bias")
-    with pytest.raises(ValueError, match=r"missing=\['decoder\.conv_out\.bias'\]"):
+    with pytest.raises(ValueError, match=r"missing \(1\):\s+decoder\.conv_out\.bias"):
         load_first_stage_state(model, state, prefix="first_stage_model.")

@@ -12,6 +12,7 @@ from replication.models.ae_blocks import AttnType, Downsample, ResnetBlock, Upsa
 from replication.models.autoencoder_config import AEKind, AutoencoderConfig, DDConfig, validate_autoencoder_cfg
 from replication.models.distributions import DiagonalGaussian
 from replication.models.quantize import DEFAULT_BETA, VectorQuantizer
+from replication.utils.state import check_fits
 
 # Keys of the aux dict returned by FirstStage.forward.
 AUX_KL = "kl"  # per-sample KL(q(z|x) || N(0, I)), shape [B]
@@ -350,17 +351,5 @@ def first_stage_state(state: Mapping[str, torch.Tensor], prefix: str = "") -> di
 def load_first_stage_state(model: FirstStage, state: Mapping[str, torch.Tensor], prefix: str = "") -> None:
     """Load strictly; one error lists every missing, unexpected and shape-mismatched key."""
     picked = first_stage_state(state, prefix)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(picked))
-    unexpected = sorted(set(picked) - set(own))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(picked[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(picked)
-        if tuple(picked[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"first-stage state does not fit {type(model).__name__}: missing={missing} unexpected={unexpected} "
-            f"mismatched={mismatched}"
-        )
+    check_fits(model.state_dict(), picked, f"first-stage state does not fit {type(model).__name__}")
     model.load_state_dict(picked, strict=True)

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from ..utils.io import ArtifactError, atomic_write_json, check_free_space, save_tensors, sha256_file
+from replication.utils.state import CheckpointMismatchError, check_fits  # noqa: F401 (re-exported)
+
 from .ema import shadow_name
 
 # Key prefixes of `LatentDiffusion.state_dict()` in the release [code: ldm/models/diffusion/ddpm.py].
@@ -92,9 +94,6 @@ _PLACEHOLDER_PACKAGES = (
 class UnsafeCheckpointError(ArtifactError):
     """The checkpoint references code outside the allow-list; nothing from it was executed."""
 
-
-class CheckpointMismatchError(ArtifactError):
-    """A state dict does not fit a module: missing, unexpected or shape-mismatched keys."""
 
 
 class _Placeholder:
@@ -255,23 +254,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], what: str = 
 
     `assign=True` replaces the module's tensors by the given ones (e.g. into a module built on the meta device).
     """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        def listing(title: str, items: list[str]) -> str:
-            shown = "\n    ".join(items[:50]) + (f"\n    ... and {len(items) - 50} more" if len(items) > 50 else "")
-            return f"  {title} ({len(items)}):\n    {shown}" if items else f"  {title}: none"
-
-        raise CheckpointMismatchError(
-            f"state dict does not fit {what}:\n"
-            + "\n".join([listing("missing", missing), listing("unexpected", unexpected), listing("shape mismatch", mismatched)])
-        )
+    check_fits(module.state_dict(), state, f"state dict does not fit {what}")
     module.load_state_dict(dict(state), strict=True, assign=assign)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from replication.utils.io import ArtifactError, check_free_space, torch_load_safe, torch_save_atomic
+from replication.utils.state import check_fits
 
 STATE_PATTERN = re.compile(r"state_(\d{9})\.pt$")
 
@@ -88,17 +89,4 @@ def load_latest_state(directory: Path) -> dict[str, Any] | None:
 
 def check_state_dict_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """One error naming every missing, unexpected or mismatched tensor."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
-        if mismatched:
-            parts.append(f"shape mismatch {len(mismatched)}: {'; '.join(mismatched[:20])}")
-        raise ArtifactError(f"{what} does not fit the configured model: " + " | ".join(parts))
+    check_fits(module.state_dict(), state, f"{what} does not fit the configured model")
