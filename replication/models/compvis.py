@@ -158,8 +158,8 @@ def _read_checkpoint_object(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as weights_only_error:  # UnpicklingError for foreign globals; retried below
         first_error = weights_only_error
-    try:
-        return torch.load(
+    try:  # not plain unpickling: _RestrictedUnpickler allows tensor types only, inert placeholders for Lightning
+        return torch.load(  # bookkeeping objects, and refuses every other global (no code can run)
             path, map_location="cpu", weights_only=False, mmap=mmap, pickle_module=_restricted_pickle_module()
         )
     except UnsafeCheckpointError as exc:

@@ -73,22 +73,27 @@ class Generator:
         return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def make_generator(ctx: StageContext, weights: Optional[Path] = None) -> Generator:
-    unet, meta = load_ldm(ctx.run_dir, ctx.typed, ctx.device, weights=weights)
-    first_stage = load_first_stage(ctx.run_dir, ctx.typed, ctx.device)
-    return Generator(unet, first_stage, float(meta["scale_factor"]), ctx.typed, ctx.device)
+def make_generator(ctx: StageContext, weights: Optional[Path] = None, device: Optional[torch.device] = None) -> Generator:
+    device = device or ctx.device
+    unet, meta = load_ldm(ctx.run_dir, ctx.typed, device, weights=weights)
+    first_stage = load_first_stage(ctx.run_dir, ctx.typed, device)
+    return Generator(unet, first_stage, float(meta["scale_factor"]), ctx.typed, device)
 
 
 def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int, shard_size: int, batch_size: int,
-                     progress: bool = True, desc: str = "sample") -> dict[str, Any]:
-    """Write shard_XXXXXX.npy (uint8 NHWC) files; existing complete shards are kept, missing ones made."""
+                     progress: bool = True, desc: str = "sample", dist: Optional[Any] = None) -> dict[str, Any]:
+    """Write shard_XXXXXX.npy (uint8 NHWC) files; existing complete shards are kept, missing ones made.
+    Under torchrun, rank r makes the shards s with s % world == r (per-sample seeds make the split irrelevant)."""
+    from replication.training.distributed import DistInfo, barrier
+
+    dist = dist or DistInfo()
     out_dir.mkdir(parents=True, exist_ok=True)
     num_shards = (num_samples + shard_size - 1) // shard_size
     h = gen.latent_shape[1] * getattr(gen.first_stage, "downsampling_factor", 1)
     check_free_space(out_dir, num_samples * h * h * 3, "samples")
     made, seconds = 0, 0.0
     bar = tqdm(total=num_samples, desc=desc, disable=not progress, dynamic_ncols=True)
-    for shard in range(num_shards):
+    for shard in range(dist.rank, num_shards, dist.world_size):
         lo, hi = shard * shard_size, min(num_samples, (shard + 1) * shard_size)
         path = out_dir / SHARD_PATTERN.format(shard)
         if path.exists() and np.load(path, mmap_mode="r").shape[0] == hi - lo:
@@ -106,9 +111,12 @@ def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int
             with open(tmp, "wb") as fh:
                 np.save(fh, np.concatenate(parts))
     bar.close()
+    barrier(dist)
     index = {"num_samples": num_samples, "shard_size": shard_size, "num_shards": num_shards, "steps": steps,
              "made_now": made, "img_per_s": (made / seconds) if seconds > 0 else None}
-    atomic_write_json(out_dir / "index.json", index)
+    if dist.is_main:
+        atomic_write_json(out_dir / "index.json", index)
+    barrier(dist)
     return index
 
 
@@ -120,12 +128,16 @@ def load_samples(out_dir: Path) -> np.ndarray:
 
 
 def _body(ctx: StageContext) -> dict[str, Any]:
+    from replication.training.distributed import init_distributed, local_device
+
     sampler, root = ctx.typed["sampler"], ctx.root
+    dist = init_distributed(ctx.device)
+    device = local_device(ctx.device, dist)
     ctx.record_input(ctx.run_dir / LDM_EMA)
-    gen = make_generator(ctx)
+    gen = make_generator(ctx, device=device)
     result: dict[str, Any] = {}
     main = sample_to_shards(gen, ctx.run_dir / SAMPLES_DIR, sampler.num_samples, sampler.steps, root.sample_shard_size,
-                            sampler.batch_size, ctx.progress, desc=f"sample {sampler.kind} {sampler.steps} steps")
+                            sampler.batch_size, ctx.progress, desc=f"sample {sampler.kind} {sampler.steps} steps", dist=dist)
     result["samples"] = main
     outputs = [ctx.run_dir / SAMPLES_DIR]
     ctx.stats(event="sampled", **{k: v for k, v in main.items() if v is not None})
@@ -134,7 +146,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     for steps in root.curves.ddim_steps:
         d = ctx.run_dir / CURVES_DIR / f"steps_{steps:04d}"
         info = sample_to_shards(gen, d, root.curves.num_samples, steps, root.sample_shard_size, sampler.batch_size,
-                                ctx.progress, desc=f"curve: {steps} steps")
+                                ctx.progress, desc=f"curve: {steps} steps", dist=dist)
         curves.append({"steps": steps, "dir": str(d), "img_per_s": info["img_per_s"]})
         outputs.append(d)
     # Fig. 6: FID against training steps, from EMA snapshots written during training
@@ -143,10 +155,10 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     n_eval = ctx.typed["trainer"].eval_num_samples
     for snap in sorted(snap_dir.glob("step_*.safetensors")) if n_eval > 0 else []:
         step = int(snap.stem.split("_")[1])
-        snap_gen = make_generator(ctx, weights=snap)
+        snap_gen = make_generator(ctx, weights=snap, device=device)
         d = ctx.run_dir / "sample" / "snapshots" / f"step_{step:09d}"
         sample_to_shards(snap_gen, d, n_eval, sampler.steps, root.sample_shard_size, sampler.batch_size, ctx.progress,
-                         desc=f"snapshot step {step}")
+                         desc=f"snapshot step {step}", dist=dist)
         snapshots.append({"train_step": step, "dir": str(d)})
         outputs.append(d)
     result["curves"], result["snapshots"] = curves, snapshots

@@ -42,7 +42,7 @@ def train_autoencoder_loop(
     params_d = list(loss_fn.discriminator_parameters())
     opt_g = torch.optim.Adam(params_g, lr=lr, betas=betas)
     opt_d = torch.optim.Adam(params_d, lr=lr, betas=betas) if params_d else None
-    order = DataOrder(num_items, batch_size)
+    order = DataOrder(num_items, batch_size, seed=seed)
     step = 0
     state = load_latest_state(state_dir)
     if state is not None:
@@ -69,7 +69,7 @@ def train_autoencoder_loop(
     last = math.nan
     with StopRequested() as stop:
         while step < steps:
-            x = images_fn(order.next(generator), generator).to(device)
+            x = images_fn(order.next(), generator).to(device)
             noise = torch.randn(x.shape[0], model.latent_channels, x.shape[2] // model.downsampling_factor,
                                 x.shape[3] // model.downsampling_factor, generator=generator).to(device)
             x_rec, aux = model(x, sample_posterior=True, noise=noise)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,18 +53,20 @@ class LoopSettings:
 
 
 class DataOrder:
-    """Epoch-wise permutations from the loop's generator; the position is part of the resumable state."""
+    """Epoch-wise permutations shared by all ranks (their own generator, seeded alike on every rank), each rank
+    taking its slice of every global batch; the position is part of the resumable state."""
 
-    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world: int = 1):
+    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
         if num_items < batch_size * world:
             raise ValueError(f"dataset has {num_items} items, fewer than one global batch ({batch_size} x {world})")
         self.num_items, self.batch_size, self.rank, self.world = num_items, batch_size, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.position, self.perm = -1, 0, None  # epoch counts permutations drawn
 
-    def next(self, generator: torch.Generator) -> torch.Tensor:
+    def next(self) -> torch.Tensor:
         global_batch = self.batch_size * self.world
         if self.perm is None or self.position + global_batch > self.num_items:
-            self.perm = torch.randperm(self.num_items, generator=generator)
+            self.perm = torch.randperm(self.num_items, generator=self.generator)
             self.epoch += 1
             self.position = 0
         chunk = self.perm[self.position:self.position + global_batch]
@@ -71,10 +74,11 @@ class DataOrder:
         return chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "perm": self.perm}
+        return {"epoch": self.epoch, "position": self.position, "perm": self.perm, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position, self.perm = state["epoch"], state["position"], state["perm"]
+        self.generator.set_state(state["generator"])
 
 
 def train_loop(
@@ -108,7 +112,7 @@ def train_loop(
                                   weight_decay=settings.weight_decay,
                                   **({"fused": True} if settings.fused_adam and device.type == "cuda" else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.lr_lambda)
-    order = DataOrder(num_items, settings.batch_size, dist.rank, dist.world_size)
+    order = DataOrder(num_items, settings.batch_size, dist.rank, dist.world_size, seed=settings.seed)
     step, resumed_from = 0, None
     state = load_latest_state(state_dir)
     if state is not None:
@@ -120,6 +124,12 @@ def train_loop(
         scheduler.load_state_dict(state["scheduler"])
         order.load_state_dict(state["data_order"])
         set_rng_state(state["rng"], generator)
+        per_rank = state["rng"].get("generator_per_rank")
+        if dist.enabled:  # each rank continues its own stream (seed * world + rank)
+            if not per_rank or len(per_rank) != dist.world_size:
+                raise ValueError(f"checkpoint in {state_dir} was written by {len(per_rank or [None])} process(es); "
+                                 f"resume with the same number of processes ({dist.world_size} now)")
+            generator.set_state(per_rank[dist.rank])
         step = resumed_from = int(state["step"])
         extra_state.clear()
         extra_state.update(state.get("extra") or {})
@@ -145,9 +155,15 @@ def train_loop(
         return denoise
 
     def full_state() -> dict[str, Any]:
+        """Collective under torchrun (every rank's loop generator is gathered); only rank 0 writes it."""
+        rng = rng_state(generator)
+        if dist.enabled:
+            per_rank: list[Any] = [None] * dist.world_size
+            torch.distributed.all_gather_object(per_rank, generator.get_state())
+            rng["generator_per_rank"] = per_rank
         return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "data_order": order.state_dict(), "rng": rng_state(generator), "extra": extra_state}
+                "data_order": order.state_dict(), "rng": rng, "extra": extra_state}
 
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext())
     last_loss = math.nan
@@ -157,7 +173,7 @@ def train_loop(
     model.train()
     with StopRequested() as stop:
         while step < target:
-            indices = order.next(generator)
+            indices = order.next()
             x0, cond = batch_fn(indices, generator)
             x0 = x0.to(device)
             if cond is not None:
@@ -187,14 +203,22 @@ def train_loop(
                 bar.set_postfix(loss=f"{loss_value:.4f}")
             if dist.is_main and settings.snapshot_every and step % settings.snapshot_every == 0 and on_snapshot:
                 on_snapshot(step)
-            if dist.is_main and (step % settings.ckpt_every == 0 or step == settings.steps):
-                save_state(state_dir, step, full_state(), settings.keep_last)
-            if stop:
+            if step % settings.ckpt_every == 0 or step == settings.steps:
+                state_now = full_state()
                 if dist.is_main:
-                    path = save_state(state_dir, step, full_state(), settings.keep_last)
+                    save_state(state_dir, step, state_now, settings.keep_last)
+            stopping = bool(stop)
+            if dist.enabled:  # every rank stops at the same step, whichever rank got the signal first
+                flag = torch.tensor([float(stopping)], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if stopping:
+                state_now = full_state()
+                if dist.is_main:
+                    path = save_state(state_dir, step, state_now, settings.keep_last)
                     stats(event="preempted", step=step, signal=stop.signum, checkpoint=str(path))
                     log.warning("signal %s: wrote %s at step %d; rerun the same command to resume", stop.signum, path, step)
                 bar.close()
-                raise Preempted(stop.signum, step, str(state_dir))
+                raise Preempted(stop.signum or signal.SIGTERM, step, str(state_dir))
     bar.close()
     return {"step": step, "resumed_from": resumed_from, "last_loss": last_loss, "extra_state": extra_state}
