@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from replication.utils.schema import merge_into_schema
+
 
 class ConfigError(ValueError):
     """A configuration is invalid; the message names the key and, where known, the allowed values."""
@@ -158,25 +160,8 @@ GROUP_VALIDATORS: dict[str, str] = {
 }
 
 
-def _merge_strict(schema_cls: type, cfg: Any, where: str) -> Any:
-    base = OmegaConf.structured(schema_cls)
-    OmegaConf.set_struct(base, True)
-    for f in fields(schema_cls):  # free-form dict fields (e.g. `choices`) take any key
-        node = base._get_node(f.name)
-        if isinstance(node, DictConfig) and node._metadata.object_type in (dict, None):
-            OmegaConf.set_struct(node, False)
-    try:
-        merged = OmegaConf.merge(base, cfg)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        allowed = ", ".join(f.name for f in fields(schema_cls))
-        raise ConfigError(f"invalid config in '{where}': key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}. "
-                          f"Allowed keys of '{where}': {allowed}") from None
-    return merged
-
-
 def validate_trainer_cfg(cfg: Any) -> TrainerConfig:
-    return OmegaConf.to_object(_merge_strict(TrainerConfig, cfg, "trainer"))
+    return merge_into_schema(TrainerConfig, cfg, "trainer", ConfigError)
 
 
 def _resolve(spec: str) -> Callable[[Any], Any]:
@@ -202,7 +187,7 @@ def validate_config(cfg: DictConfig) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"config is missing group(s): {', '.join(missing)}")
     root_part = OmegaConf.create({k: cfg[k] for k in cfg.keys() if k in root_keys})
-    typed: dict[str, Any] = {"root": OmegaConf.to_object(_merge_strict(RootConfig, root_part, "<root>"))}
+    typed: dict[str, Any] = {"root": merge_into_schema(RootConfig, root_part, "<root>", ConfigError)}
     bad_stages = [s for s in typed["root"].stages if s not in STAGES]
     bad_force = [s for s in typed["root"].force if s not in STAGES and s != "all"]
     if bad_stages or bad_force:

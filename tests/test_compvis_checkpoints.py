@@ -245,15 +245,6 @@ FIRST_STAGE_YAML = {
 }
 
 
-def _autoencoder_available() -> bool:
-    try:
-        from replication.models.autoencoder import build_autoencoder  # noqa: F401
-    except ImportError:
-        return False
-    return all((AE_DIR / f"{name}.yaml").exists() for name in set(FIRST_STAGE_YAML.values()))
-
-
-@pytest.mark.skipif(not _autoencoder_available(), reason="replication/models/autoencoder.py or its configs not present yet")
 @pytest.mark.parametrize("json_name", sorted(FIRST_STAGE_YAML))
 def test_first_stage_keys_load_into_our_autoencoder(json_name):
     from replication.models.autoencoder import build_autoencoder

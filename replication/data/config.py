@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Mapping, Optional, Union
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, ValidationError
+from omegaconf import MISSING, DictConfig
+
+from replication.utils.schema import merge_into_schema
 
 
 class Family(str, Enum):
@@ -123,24 +124,7 @@ class DatasetConfigError(ValueError):
 
 def validate_dataset_cfg(cfg: Union[Mapping[str, Any], DictConfig, DatasetConfig]) -> DatasetConfig:
     """Merge `cfg` into the schema; an unknown/missing/mistyped key raises naming the full key."""
-    if isinstance(cfg, DatasetConfig):
-        result = cfg
-    else:
-        schema = OmegaConf.structured(DatasetConfig)
-        try:
-            if isinstance(cfg, DictConfig):
-                # resolve ${data_root} etc. against the full config this node belongs to
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-            merged = OmegaConf.merge(schema, cfg)
-            result = OmegaConf.to_object(merged)
-        except InterpolationResolutionError as exc:
-            raise DatasetConfigError(f"dataset config: cannot resolve an interpolation: {exc}") from exc
-        except ConfigKeyError as exc:
-            raise DatasetConfigError(f"unknown key '{exc.full_key}' in dataset config: {exc.msg}") from exc
-        except MissingMandatoryValue as exc:
-            raise DatasetConfigError(f"missing required key '{exc.full_key}' in dataset config") from exc
-        except ValidationError as exc:
-            raise DatasetConfigError(f"invalid value for '{exc.full_key}' in dataset config: {exc.msg}") from exc
+    result = merge_into_schema(DatasetConfig, cfg, "dataset", DatasetConfigError)
     _check_consistency(result)
     return result
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Mapping, Optional, Union
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+from omegaconf import MISSING, DictConfig
+
+from replication.utils.schema import merge_into_schema
 
 from replication.models.ae_blocks import GROUPNORM_GROUPS, AttnType
 
@@ -96,19 +97,7 @@ class AutoencoderConfigError(ValueError):
 
 def validate_autoencoder_cfg(cfg: Union[Mapping[str, Any], DictConfig, AutoencoderConfig]) -> AutoencoderConfig:
     """Merge `cfg` into the structured schema; unknown/missing/mistyped keys raise naming the full key."""
-    if isinstance(cfg, AutoencoderConfig):
-        result = cfg
-    else:
-        schema = OmegaConf.structured(AutoencoderConfig)
-        try:
-            merged = OmegaConf.merge(schema, cfg)
-            result = OmegaConf.to_object(merged)
-        except ConfigKeyError as exc:
-            raise AutoencoderConfigError(f"unknown key '{exc.full_key}' in autoencoder config: {exc.msg}") from exc
-        except MissingMandatoryValue as exc:
-            raise AutoencoderConfigError(f"missing required key '{exc.full_key}' in autoencoder config") from exc
-        except ValidationError as exc:
-            raise AutoencoderConfigError(f"invalid value for '{exc.full_key}' in autoencoder config: {exc.msg}") from exc
+    result = merge_into_schema(AutoencoderConfig, cfg, "autoencoder", AutoencoderConfigError)
     _check_consistency(result)
     return result
 
