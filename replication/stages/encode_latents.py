@@ -34,7 +34,8 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     def encode_fn(x: torch.Tensor) -> torch.Tensor:
         return model.encode_moments(x.to(ctx.device)).cpu()
 
-    card = encode_to_cache(encode_fn, images, out, batch_size=ctx.typed["trainer"].batch_size,
+    # the encoder at full image resolution is far heavier than a U-Net step: cap its batch (memory only)
+    card = encode_to_cache(encode_fn, images, out, batch_size=min(ctx.typed["trainer"].batch_size, 64),
                            flips=dataset.flip_train, progress=ctx.progress,
                            extra_card={"autoencoder": ctx.typed["autoencoder"].name,
                                        "autoencoder_sha256": ctx.inputs.get(str(ctx.run_dir / AE_WEIGHTS))})

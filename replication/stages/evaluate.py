@@ -142,6 +142,7 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
                 "steps_run": _steps_run(ctx, sampler.steps), "eta": sampler.eta, "ddim_spacing": sampler.spacing,
                 "guidance_scale": sampler.guidance_scale if ctx.root.conditioning.kind.value != "none" else None,
                 "ema": bool(ldm_meta.get("ema")), "train_steps": ldm_meta.get("steps"),
+                "train_precision": ldm_meta.get("precision", "imported" if ldm_meta.get("imported") else None),
                 "autoencoder": ctx.typed["autoencoder"].name, "scale_factor": ldm_meta.get("scale_factor"),
                 "sample_seed": sampler.seed, "notes": res["notes"]}
     reasons = _reasons(ctx, res["not_comparable_reasons"])

@@ -174,6 +174,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         ema_weights = ema.shadow_module_state(unet) if ema is not None else unet.state_dict()
         save_tensors(ctx.run_dir / LDM_EMA, ema_weights)
         meta = {"scale_factor": extra["scale_factor"], "steps": summary["step"], "lr": lr, "world_size": dist.world_size,
+                "precision": trainer.precision.value, "trainer": to_container(trainer),
                 "ema": ema is not None, "unet": to_container(typed["unet"]), "diffusion": to_container(diffusion),
                 "num_params": sum(p.numel() for p in unet.parameters())}
         atomic_write_json(ctx.run_dir / LDM_META, meta)
