@@ -1,6 +1,7 @@
 """Stage 7: comparison tables and figures against the paper, written to `reports/` from metrics files only."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         title = f"{root.name}: samples" + ("" if root.comparable else " (NOT COMPARABLE: smoke)")
         sample_grid(np.asarray(samples), grid, nrow=8, title=title)
         outputs.append(grid)
-    built = build_report(Path(root.runs_root), reports, PAPER_DIR, grid_images=0)  # the grid is made above
+    paper_dir = Path(os.path.relpath(PAPER_DIR))  # relative, so generated pages name no machine's folders
+    built = build_report(Path(root.runs_root), reports, paper_dir, grid_images=0)  # the grid is made above
     written = [Path(p) for p in built.get("written", [])]
     return {"report": str(reports / f"{root.name}.md"), "verdicts": built.get("verdicts", {}),
             "written": [str(p) for p in written], "outputs": outputs + [p for p in written if p.exists()]}
