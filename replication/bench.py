@@ -142,12 +142,14 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {spec!r} requested but CUDA is not available; use --device cpu")
-    return device
+    """The stages' device rule ("auto" = CUDA when present), with the error phrased for the --device flag."""
+    from replication.stages.common import StageError
+    from replication.stages.common import resolve_device as resolve_stage_device
+
+    try:
+        return resolve_stage_device(spec)
+    except StageError as exc:
+        raise BenchError(f"--device {spec!r}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------- networks

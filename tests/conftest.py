@@ -19,3 +19,14 @@ if str(REPO) not in sys.path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on the shared 2-core CPU tiny kernels otherwise spin against each other."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -20,13 +20,7 @@ from replication.perf import FastPath, PeakMemory, PerfError, count_flops, matmu
 FAST = "bf16,channels_last,fused_adam"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the CPU is shared; one intra-op thread keeps tiny kernels from spinning against each other
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ CURVE_WINDOW_BOUND = 1e-2
 CURVE_STEPS, CURVE_WINDOW, CURVE_BATCH, CURVE_ITEMS = 200, 20, 16, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
