@@ -14,42 +14,63 @@
 #
 # Usage (repository root):  bash replication/gpu_check.sh
 #   env: OUT_DIR (default reports/benchmarks), PER_EXPERIMENT_S (default 210), COPY_TO (also copy results there)
+#   rehearsal on a machine without a GPU (tests/test_gpu_check.py runs it so): DEVICE=cpu EXPERIMENTS="smoke:4"
+#   BENCH_ARGS="--steps 1 ..." replaces the paper-shape arguments below; MERGE_TAG names the merged files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT_DIR=${OUT_DIR:-reports/benchmarks}
 PER_EXPERIMENT_S=${PER_EXPERIMENT_S:-210}
+DEVICE=${DEVICE:-cuda}
+EXPERIMENTS=${EXPERIMENTS:-"lsun_churches_ldm8:96 celebahq_ldm4:48"}
 TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
 export HF_HUB_OFFLINE=1
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
 
-if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: no CUDA device visible; this script measures paper shapes on a GPU only" >&2
-  echo "           (on the CPU run: python -m replication.bench experiment=smoke --device cpu)" >&2
-  exit 2
+if [ "$DEVICE" = cuda ]; then
+  if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: no CUDA device visible; this script measures paper shapes on a GPU only" >&2
+    echo "           (on the CPU run: python -m replication.bench experiment=smoke --device cpu," >&2
+    echo "            or rehearse this script: DEVICE=cpu EXPERIMENTS=smoke:4 BENCH_ARGS='--steps 1 --warmup 1')" >&2
+    exit 2
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 start=$(date +%s)
 
-COMMON=(--device cuda --steps 5 --warmup 2 --sample-batch 256 --sample-steps 10 --ae-batch 16
-        --feature-batch 100 --fast all --out "$TMP" --no-table)
+if [ -n "${BENCH_ARGS:-}" ]; then
+  read -r -a SHAPE_ARGS <<< "$BENCH_ARGS"
+else
+  SHAPE_ARGS=(--steps 5 --warmup 2 --sample-batch 256 --sample-steps 10 --ae-batch 16 --feature-batch 100 --fast all)
+fi
+COMMON=(--device "$DEVICE" "${SHAPE_ARGS[@]}" --out "$TMP" --no-table)
 
 run_one() {
-  local name=$1; shift
-  echo "== $name (limit ${PER_EXPERIMENT_S}s)"
+  local name=$1 batch=$2
+  echo "== $name, train batch $batch (limit ${PER_EXPERIMENT_S}s)"
   timeout --signal=TERM --kill-after=15 "$PER_EXPERIMENT_S" \
-    python -m replication.bench "experiment=$name" "$@" "${COMMON[@]}" --tag "$name"
+    python -m replication.bench "experiment=$name" --batch "$batch" "${COMMON[@]}" --tag "$name"
   local rc=$?
   [ $rc -eq 124 ] && echo "   $name: cut at ${PER_EXPERIMENT_S}s; keeping the rows measured so far"
   [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "   $name: exit status $rc"
   echo "   elapsed so far: $(( $(date +%s) - start ))s"
 }
 
-run_one lsun_churches_ldm8 --batch 96
-run_one celebahq_ldm4 --batch 48
+names=()
+for spec in $EXPERIMENTS; do
+  name=${spec%%:*}
+  batch=${spec#*:}
+  if [ "$name" = "$spec" ] || ! [[ "$batch" =~ ^[0-9]+$ ]]; then
+    echo "gpu_check: EXPERIMENTS entries are NAME:BATCH, got '$spec'" >&2
+    exit 2
+  fi
+  names+=("$name")
+  run_one "$name" "$batch"
+done
 
 files=()
-for name in lsun_churches_ldm8 celebahq_ldm4; do
+for name in "${names[@]}"; do
   [ -f "$TMP/$name.json" ] && files+=("$TMP/$name.json")
 done
 if [ ${#files[@]} -eq 0 ]; then
@@ -57,7 +78,7 @@ if [ ${#files[@]} -eq 0 ]; then
   exit 1
 fi
 mkdir -p "$OUT_DIR"
-python -m replication.bench --merge "${files[@]}" --out "$OUT_DIR"
+python -m replication.bench --merge "${files[@]}" --out "$OUT_DIR" ${MERGE_TAG:+--tag "$MERGE_TAG"} || exit 1
 if [ -n "${COPY_TO:-}" ]; then
   cp "$OUT_DIR"/*.json "$OUT_DIR"/*.md "$COPY_TO"/ 2>/dev/null || true
 fi

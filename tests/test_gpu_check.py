@@ -1,0 +1,78 @@
+"""Issue 7's prepared GPU script, rehearsed on the CPU: the one shot a GPU session gets must not fail on its bash
+(argument handling, per-experiment time limit, merge, copy-out). The rehearsal runs the same script with the smoke
+experiment's shapes and checks the merged table it writes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from replication.bench import ROWS
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "replication" / "gpu_check.sh"
+# every lever but compile (~45 s of inductor on this CPU); one timed iteration of each row
+REHEARSAL_ARGS = ("--steps 1 --warmup 1 --sample-batch 2 --sample-steps 1 --ae-batch 2 --feature-batch 2 "
+                  "--fast bf16,channels_last,fused_adam --threads 1")
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils timeout")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHON=sys.executable, **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def test_rehearsal_on_the_cpu_writes_the_merged_table(tmp_path):
+    out, copy = tmp_path / "bench", tmp_path / "copied"
+    copy.mkdir()
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=_env(DEVICE="cpu", EXPERIMENTS="smoke:4", BENCH_ARGS=REHEARSAL_ARGS, OUT_DIR=str(out),
+                                   MERGE_TAG="rehearsal", COPY_TO=str(copy), PER_EXPERIMENT_S="400"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== smoke, train batch 4" in proc.stdout and "gpu_check: done" in proc.stdout
+    merged = json.loads((out / "rehearsal.json").read_text())
+    (report,) = merged["reports"]
+    assert report["experiment"] == "smoke" and report["device"]["type"] == "cpu" and report["complete"] is True
+    assert [row["row"] for row in report["rows"]] == list(ROWS)
+    assert {row["batch"] for row in report["rows"] if row["row"] == "train"} == {4}
+    for row in report["rows"]:
+        assert row["baseline"]["error"] is None and row["fast"]["error"] is None, row
+        assert row["fast"]["img_per_s"] > 0 and row["baseline"]["img_per_s"] > 0
+    table = (out / "rehearsal.md").read_text()
+    assert "| train |" in table and table.strip() in proc.stdout  # the script ends by printing the table
+    assert (copy / "rehearsal.json").read_bytes() == (out / "rehearsal.json").read_bytes()
+
+
+def test_a_malformed_experiment_list_is_refused_before_any_work(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=_env(DEVICE="cpu", EXPERIMENTS="smoke", OUT_DIR=str(tmp_path)))
+    assert proc.returncode == 2
+    assert "EXPERIMENTS entries are NAME:BATCH, got 'smoke'" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_experiment_that_fails_leaves_no_results_and_says_so(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=_env(DEVICE="cpu", EXPERIMENTS="no_such_experiment:4", BENCH_ARGS=REHEARSAL_ARGS,
+                                   OUT_DIR=str(tmp_path / "bench")))
+    assert proc.returncode == 1
+    assert "no_such_experiment: exit status" in proc.stdout
+    assert "no experiment produced results" in proc.stderr
+    assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_without_a_gpu_the_paper_shape_run_refuses_with_the_rehearsal_hint(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=_env(OUT_DIR=str(tmp_path)))
+    assert proc.returncode == 2
+    assert "no CUDA device visible" in proc.stderr and "DEVICE=cpu" in proc.stderr
