@@ -304,12 +304,13 @@ def measure_train(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: Ben
                   peak: float) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
     """One train_loop step (forward, loss, backward, AdamW, EMA, loss to host) on fixed latents."""
     from replication.diffusion.objective import diffusion_loss
+    from replication.models.conditioning import ema_scope
     from replication.models.ema import EMA
 
     trainer, diffusion, device = typed["trainer"], typed["diffusion"], s.device
     model = copy.deepcopy(base).train()
     forward = prepare_module(model, fast, device)
-    ema = EMA(model, decay=trainer.ema_decay) if trainer.use_ema else None
+    ema = EMA(model, decay=trainer.ema_decay, scope=ema_scope(model)) if trainer.use_ema else None
     optimizer = make_adamw(model.parameters(), fast, device, lr=trainer.base_lr, betas=tuple(trainer.adam_betas),
                            weight_decay=trainer.weight_decay)
     x0, t, noise, labels = _train_inputs(typed, s.batch, device, s.seed)

@@ -1,6 +1,8 @@
 """EMA (replication/models/ema.py) against hand-computed LitEma arithmetic and the original key naming."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -111,3 +113,34 @@ def test_shadow_module_state_is_a_full_state_dict():
     torch.testing.assert_close(state["1.bias"], model[1].bias.detach())  # frozen: the model's own value
     fresh = _model()
     fresh.load_state_dict(state)
+
+
+def test_class_conditional_ema_covers_the_unet_only_as_the_release():
+    """LitEma wraps LatentDiffusion.model (DiffusionWrapper), not cond_stage_model: the class embedder of a cIN
+    model is sampled with its raw weights, and the shadows carry the release's `diffusion_model...` names."""
+    from omegaconf import OmegaConf
+
+    from replication.models.conditioning import ClassConditionalUNet, ClassEmbedder, ema_scope
+    from replication.models.unet import UNetModel
+
+    kw = dict(OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "experiments/unet/smoke.yaml")))
+    kw.update(use_spatial_transformer=True, context_dim=6)
+    torch.manual_seed(0)
+    model = ClassConditionalUNet(UNetModel(**kw), ClassEmbedder(6, n_classes=4, null_class=3))
+    assert ema_scope(model) == "diffusion_model." and ema_scope(model.diffusion_model) is None
+    ema = EMA(model, decay=0.5, use_num_updates=False, scope=ema_scope(model))
+    names = set(ema.shadow_state())
+    assert names == {n for n, _ in model.diffusion_model.named_parameters(prefix="diffusion_model")}
+    assert not any(n.startswith("cond_stage_model") for n in ema.state_dict())
+    assert "diffusion_modelinput_blocks00weight" in ema.state_dict()  # LitEma's key, prefix model_ema. aside
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    state = ema.shadow_module_state(model)
+    torch.testing.assert_close(state["cond_stage_model.embedding.weight"], model.cond_stage_model.embedding.weight.detach())
+    key = "diffusion_model.input_blocks.0.0.weight"
+    torch.testing.assert_close(state[key], before[key] + 0.5)  # d = 0.5: halfway to the new weights
+    with pytest.raises(EMAStateError, match="no trainable parameter"):
+        EMA(model, scope="no_such_prefix.")

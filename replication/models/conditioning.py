@@ -8,6 +8,8 @@ Out of scope: the text encoders of the text-to-image models (BERTEmbedder of txt
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -84,3 +86,9 @@ class ClassConditionalUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.diffusion_model(x, timesteps, context=self.cond_stage_model(y))
+
+
+def ema_scope(model: nn.Module) -> Optional[str]:
+    """Parameter-name prefix the EMA averages: the U-Net alone, as the release (`LitEma(self.model)` in
+    ldm/models/diffusion/ddpm.py covers the DiffusionWrapper, not `cond_stage_model`). None = every parameter."""
+    return "diffusion_model." if isinstance(model, ClassConditionalUNet) else None

@@ -5,6 +5,11 @@ after incrementing (warm-up), or d = decay when use_num_updates=False. Defaults:
 (PROTOCOL.md §3). Shadows are buffers named after the parameter with its dots removed, so
 `state_dict()` has the keys of the original's `model_ema.*` entries (without the `model_ema.` prefix):
 `decay`, `num_updates` and e.g. `input_blocks00weight` for `input_blocks.0.0.weight`.
+
+`scope` limits the average to parameters whose name starts with it. The release's LitEma wraps
+`LatentDiffusion.model` (the DiffusionWrapper around the U-Net) only, so a jointly trained class embedder
+(`cond_stage_model`, cin256) is used with its raw weights even under `ema_scope()`; see
+`replication.models.conditioning.ema_scope`.
 """
 from __future__ import annotations
 
@@ -31,26 +36,32 @@ class EMAStateError(RuntimeError):
 
 
 class EMA(nn.Module):
-    def __init__(self, model: nn.Module, decay: float = DEFAULT_EMA_DECAY, use_num_updates: bool = True):
+    def __init__(self, model: nn.Module, decay: float = DEFAULT_EMA_DECAY, use_num_updates: bool = True,
+                 scope: str | None = None):
         super().__init__()
+        self.scope = scope
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
         # -1 switches the warm-up off, as LitEma(use_num_upates=False).
         self.register_buffer("num_updates", torch.tensor(0 if use_num_updates else -1, dtype=torch.int32))
         self.param_to_shadow: dict[str, str] = {}
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
+        for name, p in self._tracked(model):
             s_name = shadow_name(name)
             if s_name in self.param_to_shadow.values() or s_name in ("decay", "num_updates"):
                 raise EMAStateError(f"parameter {name!r} collides with another shadow name {s_name!r} once dots are removed")
             self.param_to_shadow[name] = s_name
             self.register_buffer(s_name, p.detach().clone().float() if p.is_floating_point() else p.detach().clone())
+        if not self.param_to_shadow:
+            raise EMAStateError(f"no trainable parameter of the model is in the EMA's scope {scope!r}")
         self._stored: list[torch.Tensor] | None = None
 
+    def _tracked(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters()
+                if p.requires_grad and (self.scope is None or n.startswith(self.scope))]
+
     def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        params = dict(self._tracked(model))
         missing = sorted(set(self.param_to_shadow) - set(params))
         extra = sorted(set(params) - set(self.param_to_shadow))
         if missing or extra:

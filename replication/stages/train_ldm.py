@@ -101,6 +101,7 @@ def _import_pretrained(ctx: StageContext) -> dict[str, Any]:
 def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.diffusion.guidance import drop_condition
     from replication.diffusion.lr_schedule import effective_lr
+    from replication.models.conditioning import ema_scope
     from replication.models.ema import EMA
     from replication.training.distributed import init_distributed, local_device
     from replication.training.ldm_trainer import LoopSettings, train_loop
@@ -116,8 +117,14 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     num_classes = num_label_classes(typed)
     if num_classes and labels is None:
         raise StageError(f"unet.num_classes={num_classes} but dataset '{typed['dataset'].name}' has no class labels")
+    if num_classes:
+        labels = torch.as_tensor(labels, dtype=torch.long)  # numpy from the latent cache or the prepared set
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise StageError(f"dataset '{typed['dataset'].name}' has labels in [{int(labels.min())}, {int(labels.max())}] "
+                             f"but conditioning.num_classes={num_classes} (labels must lie in [0, {num_classes - 1}])")
     schedule = diffusion.make_schedule()  # float64 tables on the CPU; extract() moves what a step reads
-    ema = EMA(unet, decay=trainer.ema_decay) if trainer.use_ema else None
+    # the U-Net only, as the release's LitEma; a cIN class embedder is used with its raw weights
+    ema = EMA(unet, decay=trainer.ema_decay, scope=ema_scope(unet)) if trainer.use_ema else None
     lr = effective_lr(trainer.base_lr, trainer.batch_size, dist.world_size, trainer.accumulate_grad_batches,
                       trainer.scale_lr)
     if trainer.accumulate_grad_batches != 1:
@@ -143,14 +150,20 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         return {"scale_factor": scale}
 
     null_class = diffusion.null_class
+    if num_classes and diffusion.cond_drop_prob > 0 and null_class is None:
+        raise StageError(f"diffusion.cond_drop_prob={diffusion.cond_drop_prob} needs diffusion.null_class (the label "
+                         "dropped conditions become; 1000 for class-conditional ImageNet)")
+    if num_classes and null_class is not None and null_class < num_classes:
+        raise StageError(f"diffusion.null_class={null_class} is one of the {num_classes} real classes; use an index "
+                         f">= conditioning.num_classes (the original reserves 1000 for ImageNet's 1000 classes)")
 
     def batch_fn(indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         z = latents(moments_fn(indices, generator), generator) * extra["scale_factor"]
         cond = None
         if num_classes:
             cond = labels[indices].long()
-            if diffusion.cond_drop_prob > 0:
-                cond = drop_condition(cond, torch.full_like(cond, null_class), diffusion.cond_drop_prob, generator)
+            if null_class is not None:  # drawn even at p = 0, so the random stream does not depend on p
+                cond = drop_condition(cond, null_class, diffusion.cond_drop_prob, generator)
         return z, cond
 
     snapshots = ctx.run_dir / LDM_SNAPSHOTS
