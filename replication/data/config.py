@@ -88,6 +88,7 @@ class BuiltinConfig:
     num_train: int = 256
     num_val: int = 64
     seed: int = 0
+    labels: bool = False  # class = kind of the first shape (3 classes), for the class-conditional smoke run
 
 
 @dataclass

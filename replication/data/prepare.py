@@ -10,7 +10,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
-from replication.data.builtin import make_builtin_images
+from replication.data.builtin import make_builtin_labelled
 from replication.data.config import DatasetConfig, Family, FidReference, OnCorrupt, Split
 from replication.data.download import ManualDownloadRequired, download, require_manual, safe_extract, verify_checksum
 from replication.data.prepared import CARD, PreparedImages, SkippedImage, write_alias, write_prepared
@@ -167,9 +167,11 @@ def _prepare_split(cfg: DatasetConfig, split: Split, train_mode: bool, out_name:
         n, start = (b.num_train, 0) if split is Split.train else (b.num_val, b.num_train)
         if cfg.max_images is not None:
             n = min(n, cfg.max_images)
-        images = make_builtin_images(n, cfg.resolution, b.seed, start=start)
+        images, labels = make_builtin_labelled(n, cfg.resolution, b.seed, start=start)
         card["split_origin"] = {"kind": "builtin", "rule": f"images {start}..{start + n - 1} of seed {b.seed}", "listed": n}
-        items = ((f"{start + i:06d}", images[i], None) for i in range(n))
+        if b.labels:
+            card["split_origin"]["labels"] = "kind of the first shape: 0 disc, 1 square, 2 ring"
+        items = ((f"{start + i:06d}", images[i], int(labels[i]) if b.labels else None) for i in range(n))
         final = write_prepared(items, out_dir, card, progress=progress, total=n)
         return _summary(out_dir, final, reused=False)
     card["downloads"] = ensure_raw(cfg, progress)

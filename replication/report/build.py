@@ -139,6 +139,8 @@ def _experiment_figures(ec: ExperimentComparison, paper: PaperResults, w: _Write
                 figs["samples"] = w.add(F.sample_grid(np.ascontiguousarray(images), w.fig(f"{exp}_samples.png"), grid_nrow, title))
             except ValueError as exc:
                 raise ValueError(f"{shard}: {exc}") from exc
+        elif w.fig(f"{exp}_samples.png").is_file():  # the report stage draws the grid itself (grid_images=0)
+            figs["samples"] = f"{FIGURES_DIR}/{exp}_samples.png"
     return figs
 
 

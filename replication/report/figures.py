@@ -7,6 +7,7 @@ per experiment; sample grids. A figure that shows a not-comparable run says so i
 from __future__ import annotations
 
 import io
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -201,16 +202,19 @@ def sample_grid(images: np.ndarray, path: str | Path, nrow: int = 8, title: str 
     n, h, w, _ = images.shape
     cols = min(nrow, n)
     rows = -(-n // cols)
-    top = GRID_BANNER_HEIGHT if title else 0
-    canvas = np.full((top + rows * (h + padding) + padding, cols * (w + padding) + padding, 3), 255, dtype=np.uint8)
+    width = cols * (w + padding) + padding
+    # PIL's default bitmap font is about 6 px per character: wrap the title instead of cutting it off
+    lines = textwrap.wrap(title, max(8, width // 6)) if title else []
+    top = GRID_BANNER_HEIGHT * len(lines)
+    canvas = np.full((top + rows * (h + padding) + padding, width, 3), 255, dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
         y0 = top + padding + r * (h + padding)
         x0 = padding + c * (w + padding)
         canvas[y0:y0 + h, x0:x0 + w] = images[i]
     img = Image.fromarray(canvas)
-    if title:
-        ImageDraw.Draw(img).text((2, 1), title, fill=(200, 0, 0))
+    for k, line in enumerate(lines):
+        ImageDraw.Draw(img).text((2, 1 + k * GRID_BANNER_HEIGHT), line, fill=(200, 0, 0))
     info = PngInfo()
     if title:
         info.add_text("Title", title)

@@ -27,11 +27,16 @@ def _body(ctx: StageContext) -> dict[str, Any]:
             ctx.record_input(ctx.run_dir / name)
     samples_dir = ctx.run_dir / SAMPLES_DIR
     if (samples_dir / "index.json").exists():
-        from replication.stages.sample import load_samples
+        from replication.stages.artifacts import num_label_classes
+        from replication.stages.sample import grid_indices, load_sample_subset
+        from replication.utils.io import read_json
 
-        samples = load_samples(samples_dir)[:64]
+        total = int(read_json(samples_dir / "index.json")["num_samples"])
+        indices, how = grid_indices(total, num_label_classes(ctx.typed) if root.kind.value == "ldm" else None)
+        samples = load_sample_subset(samples_dir, indices)
         grid = reports / "figures" / f"{root.name}_samples.png"
-        title = f"{root.name}: samples" + ("" if root.comparable else " (NOT COMPARABLE: smoke)")
+        title = (f"{root.name}: samples" + (f", {how}" if how else "")
+                 + ("" if root.comparable else " (NOT COMPARABLE: smoke)"))
         sample_grid(np.asarray(samples), grid, nrow=8, title=title)
         outputs.append(grid)
     paper_dir = Path(os.path.relpath(PAPER_DIR))  # relative, so generated pages name no machine's folders
