@@ -42,7 +42,9 @@ class TrainerConfig:
     batch_size: int = 8  # per process
     base_lr: float = 2.0e-6
     scale_lr: bool = True  # original main.py: lr = accumulate * ngpu * batch_size * base_lr
-    accumulate_grad_batches: int = 1
+    accumulate_grad_batches: int = 1  # micro-batches of batch_size per optimizer step (Lightning semantics)
+    # the release's LitEma updates after every micro-batch (Lightning's on_train_batch_end); false: per step
+    ema_every_micro_batch: bool = True
     weight_decay: float = 0.01  # torch AdamW default, as the original (not stated in the paper)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     use_ema: bool = True
@@ -161,7 +163,15 @@ GROUP_VALIDATORS: dict[str, str] = {
 
 
 def validate_trainer_cfg(cfg: Any) -> TrainerConfig:
-    return merge_into_schema(TrainerConfig, cfg, "trainer", ConfigError)
+    trainer = merge_into_schema(TrainerConfig, cfg, "trainer", ConfigError)
+    for key in ("steps", "batch_size", "accumulate_grad_batches", "log_every", "ckpt_every", "keep_last_ckpts"):
+        if getattr(trainer, key) < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(trainer, key)}")
+    if not 0.0 <= trainer.ema_decay <= 1.0:
+        raise ConfigError(f"trainer.ema_decay must be in [0, 1], got {trainer.ema_decay}")
+    if trainer.base_lr <= 0:
+        raise ConfigError(f"trainer.base_lr must be > 0, got {trainer.base_lr}")
+    return trainer
 
 
 def _resolve(spec: str) -> Callable[[Any], Any]:

@@ -117,6 +117,9 @@ def _check_consistency(cfg: AutoencoderConfig) -> None:
     for section in ("ddconfig", "loss", "train"):
         if getattr(cfg, section) is None:
             fail(f"kind '{cfg.kind.value}' needs '{section}'")
+    for key in ("steps", "batch_size", "accumulate_grad_batches"):
+        if getattr(cfg.train, key) < 1:
+            fail(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
     dd = cfg.ddconfig
     if not dd.ch_mult:
         fail("'ddconfig.ch_mult' must not be empty")

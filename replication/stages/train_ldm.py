@@ -127,8 +127,6 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     ema = EMA(unet, decay=trainer.ema_decay, scope=ema_scope(unet)) if trainer.use_ema else None
     lr = effective_lr(trainer.base_lr, trainer.batch_size, dist.world_size, trainer.accumulate_grad_batches,
                       trainer.scale_lr)
-    if trainer.accumulate_grad_batches != 1:
-        raise StageError("trainer.accumulate_grad_batches > 1 is not implemented yet; raise batch_size or use more processes")
 
     # scale_by_std (original ddpm.py on_train_batch_start): 1/std of the first batch's latents, computed once and
     # kept in the full-state checkpoint (filled by train_loop: from the checkpoint, or init_extra on a fresh start)
@@ -178,7 +176,8 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         grad_clip=trainer.grad_clip, log_every=trainer.log_every, ckpt_every=trainer.ckpt_every,
         keep_last=trainer.keep_last_ckpts, seed=ctx.root.seed, bf16=trainer.precision == Precision.bf16,
         channels_last=trainer.channels_last, compile=trainer.compile, fused_adam=trainer.fused_adam,
-        snapshot_every=trainer.eval_every, progress=ctx.progress)
+        snapshot_every=trainer.eval_every, progress=ctx.progress, accumulate=trainer.accumulate_grad_batches,
+        ema_every_micro_batch=trainer.ema_every_micro_batch)
     summary = train_loop(unet, ema, schedule, batch_fn, num_items, settings, ctx.run_dir / LDM_STATE_DIR, ctx.stats,
                          device, dist, extra_state=extra, init_extra=init_extra, on_snapshot=on_snapshot)
     outputs: list[Path] = []

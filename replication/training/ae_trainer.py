@@ -35,7 +35,13 @@ def train_autoencoder_loop(
     keep_last: int = 2,
     progress: bool = True,
     train_logvar: bool = False,
+    accumulate: int = 1,
 ) -> dict[str, Any]:
+    """`steps` counts optimizer steps (Lightning's global_step, which the discriminator start compares with); with
+    `accumulate` > 1 each step averages the gradients of that many micro-batches of `batch_size` (loss / N), as
+    Lightning's accumulate_grad_batches in the original autoencoder trainer (its configs use 2)."""
+    if accumulate < 1:
+        raise ValueError(f"accumulate (accumulate_grad_batches) must be >= 1, got {accumulate}")
     generator = torch.Generator().manual_seed(seed)
     # the original's generator optimiser holds the autoencoder only (loss.logvar stays at its init, 0)
     params_g = list(model.parameters()) + ([loss_fn.logvar] if train_logvar and hasattr(loss_fn, "logvar") else [])
@@ -69,26 +75,35 @@ def train_autoencoder_loop(
     last = math.nan
     with StopRequested() as stop:
         while step < steps:
-            x = images_fn(order.next(), generator).to(device)
-            noise = torch.randn(x.shape[0], model.latent_channels, x.shape[2] // model.downsampling_factor,
-                                x.shape[3] // model.downsampling_factor, generator=generator).to(device)
-            x_rec, aux = model(x, sample_posterior=True, noise=noise)
-            loss_g, logs_g = loss_fn.generator_loss(x, x_rec, aux, step, model.last_layer())
-            if not math.isfinite(float(loss_g)):
-                raise TrainingDiverged(f"autoencoder loss is {float(loss_g)} at step {step + 1}; last good checkpoint kept in {state_dir}")
             opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            logs = {k: float(v) for k, v in logs_g.items()}
             if opt_d is not None:
-                loss_d, logs_d = loss_fn.discriminator_loss(x, x_rec.detach(), step)
-                if loss_d.requires_grad:
-                    opt_d.zero_grad(set_to_none=True)
-                    loss_d.backward()
-                    opt_d.step()
-                logs.update({k: float(v) for k, v in logs_d.items()})
+                opt_d.zero_grad(set_to_none=True)
+            step_d, micro_logs, micro_losses = False, [], []
+            for _ in range(accumulate):
+                x = images_fn(order.next(), generator).to(device)
+                noise = torch.randn(x.shape[0], model.latent_channels, x.shape[2] // model.downsampling_factor,
+                                    x.shape[3] // model.downsampling_factor, generator=generator).to(device)
+                x_rec, aux = model(x, sample_posterior=True, noise=noise)
+                loss_g, logs_g = loss_fn.generator_loss(x, x_rec, aux, step, model.last_layer())
+                if not math.isfinite(float(loss_g.detach())):
+                    raise TrainingDiverged(f"autoencoder loss is {float(loss_g)} at step {step + 1}; last good checkpoint kept in {state_dir}")
+                # gradients of each loss reach its own optimiser's parameters only (Lightning's toggle_optimizer)
+                torch.autograd.backward(loss_g / accumulate if accumulate > 1 else loss_g, inputs=params_g)
+                logs = {k: float(v) for k, v in logs_g.items()}
+                if opt_d is not None:
+                    loss_d, logs_d = loss_fn.discriminator_loss(x, x_rec.detach(), step)
+                    if loss_d.requires_grad:
+                        torch.autograd.backward(loss_d / accumulate if accumulate > 1 else loss_d, inputs=params_d)
+                        step_d = True
+                    logs.update({k: float(v) for k, v in logs_d.items()})
+                micro_logs.append(logs)
+                micro_losses.append(float(loss_g.detach()))
+            opt_g.step()
+            if step_d:
+                opt_d.step()
+            logs = {k: sum(m[k] for m in micro_logs) / len(micro_logs) for k in micro_logs[0]}
             step += 1
-            last = float(loss_g)
+            last = sum(micro_losses) / len(micro_losses)
             bar.update(1)
             if step % log_every == 0 or step == 1:
                 stats(event="train_autoencoder", step=step, loss=last, **{k: v for k, v in logs.items() if k != "loss"})

@@ -50,6 +50,13 @@ class LoopSettings:
     fused_adam: bool = False
     snapshot_every: int = 0  # write EMA weights every N steps (Fig. 6 curve)
     progress: bool = True
+    # Gradient accumulation as Lightning's accumulate_grad_batches (the release's trainer): each optimizer step
+    # averages the gradients of `accumulate` micro-batches of `batch_size` (loss / accumulate per micro-batch);
+    # `steps` counts optimizer steps (Lightning's global_step), and the LR schedule steps with them.
+    accumulate: int = 1
+    # The release updates LitEma in on_train_batch_end, which Lightning calls after every micro-batch, so with
+    # accumulation the EMA also sees the unchanged weights between optimizer steps. False: once per step.
+    ema_every_micro_batch: bool = True
 
 
 class DataOrder:
@@ -105,6 +112,8 @@ def train_loop(
     "extra_state"}.
     """
     extra_state = {} if extra_state is None else extra_state
+    if settings.accumulate < 1:
+        raise ValueError(f"accumulate (accumulate_grad_batches) must be >= 1, got {settings.accumulate}")
     generator = torch.Generator().manual_seed(settings.seed * dist.world_size + dist.rank)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -139,8 +148,9 @@ def train_loop(
         extra_state.update(init_extra())
 
     forward_model = model
+    ddp = None
     if dist.enabled:
-        forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if settings.compile:
         forward_model = torch.compile(forward_model)
 
@@ -173,22 +183,31 @@ def train_loop(
     model.train()
     with StopRequested() as stop:
         while step < target:
-            indices = order.next()
-            x0, cond = batch_fn(indices, generator)
-            x0 = x0.to(device)
-            if cond is not None:
-                cond = cond.to(device)
-            t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator=generator).to(device)
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            with autocast:
-                loss = diffusion_loss(denoiser_for(cond), x0, schedule, t, noise, settings.loss_type).mean()
-            loss_value = float(all_reduce_mean(loss.detach().float(), dist))
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"loss is {loss_value} at step {step + 1}; stopped. The last good full-state checkpoint in "
-                    f"{state_dir} is untouched: lower the learning rate or check the data, then rerun to resume.")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            micro_losses = []
+            for micro in range(settings.accumulate):
+                indices = order.next()
+                x0, cond = batch_fn(indices, generator)
+                x0 = x0.to(device)
+                if cond is not None:
+                    cond = cond.to(device)
+                t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator=generator).to(device)
+                noise = torch.randn(x0.shape, generator=generator).to(device)
+                last_micro = micro == settings.accumulate - 1
+                # DDP all-reduces gradients on the last micro-batch of a step only
+                with (ddp.no_sync() if ddp is not None and not last_micro else nullcontext()):
+                    with autocast:
+                        loss = diffusion_loss(denoiser_for(cond), x0, schedule, t, noise, settings.loss_type).mean()
+                    loss_value = float(all_reduce_mean(loss.detach().float(), dist))
+                    if not math.isfinite(loss_value):
+                        raise TrainingDiverged(
+                            f"loss is {loss_value} at step {step + 1}; stopped. The last good full-state checkpoint "
+                            f"in {state_dir} is untouched: lower the learning rate or check the data, then rerun to "
+                            "resume.")
+                    (loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
+                micro_losses.append(loss_value)
+                if ema is not None and settings.ema_every_micro_batch and not last_micro:
+                    ema.update(model)  # on_train_batch_end of a micro-batch without an optimizer step
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
@@ -196,6 +215,7 @@ def train_loop(
             if ema is not None:
                 ema.update(model)
             step += 1
+            loss_value = sum(micro_losses) / len(micro_losses)
             last_loss = loss_value
             bar.update(1)
             if dist.is_main and (step % settings.log_every == 0 or step == 1):

@@ -1,0 +1,164 @@
+"""Gradient accumulation (`trainer.accumulate_grad_batches`, Lightning semantics as the release's trainer): the
+accumulated gradient is the mean-loss gradient of all micro-batches, steps count optimizer steps, the EMA follows
+the release's per-micro-batch update (or per step), the LR schedule steps per optimizer step, and resume stays
+exact. Small real models, real train loops."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from replication.diffusion.objective import diffusion_loss, sample_timesteps
+from replication.diffusion.schedule import Schedule
+from replication.models.ema import EMA
+from replication.training.ldm_trainer import DataOrder, LoopSettings, train_loop
+
+ITEMS, BATCH, SHAPE = 24, 4, (2, 4, 4)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+class TinyDenoiser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.t_emb = nn.Embedding(1000, 8)
+        self.out = nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.out(torch.tanh(self.conv(x) + self.t_emb(t)[:, :, None, None]))
+
+
+def _data() -> torch.Tensor:
+    return torch.randn(ITEMS, *SHAPE, generator=torch.Generator().manual_seed(7))
+
+
+def _settings(steps: int, accumulate: int, **over) -> LoopSettings:
+    kw = dict(steps=steps, batch_size=BATCH, lr=1e-2, lr_lambda=lambda s: 1.0 / (1 + s), weight_decay=0.01,
+              adam_betas=(0.9, 0.999), loss_type="l2", grad_clip=None, log_every=1, ckpt_every=1000, keep_last=1,
+              seed=3, progress=False, accumulate=accumulate)
+    kw.update(over)
+    return LoopSettings(**kw)
+
+
+def _model() -> TinyDenoiser:
+    torch.manual_seed(0)
+    return TinyDenoiser()
+
+
+def _train(tmp, steps, accumulate, ema=None, stop_after=None, model=None, **over):
+    data = _data()
+    model = model or _model()
+    records: list[dict] = []
+    schedule = Schedule.make("linear", 1000, 0.0015, 0.0195)
+    summary = train_loop(model, ema, schedule, lambda idx, g: (data[idx], None), ITEMS,
+                         _settings(steps, accumulate, **over), tmp, lambda **r: records.append(r), torch.device("cpu"),
+                         stop_after=stop_after)
+    return model, [r for r in records if r.get("event") == "train"], summary
+
+
+def test_accumulated_gradient_is_the_mean_loss_gradient_of_all_micro_batches(tmp_path):
+    start = _model()
+    trained, records, summary = _train(tmp_path / "a", steps=1, accumulate=3, model=copy.deepcopy(start))
+    assert summary["step"] == 1 and len(records) == 1
+    # the same draws in the loop's documented order: per micro-batch indices, then t, then eps
+    data, schedule = _data(), Schedule.make("linear", 1000, 0.0015, 0.0195)
+    order, gen = DataOrder(ITEMS, BATCH, seed=3), torch.Generator().manual_seed(3)
+    losses = []
+    for _ in range(3):
+        idx = order.next()
+        t = sample_timesteps(BATCH, 1000, generator=gen)
+        eps = torch.randn(BATCH, *SHAPE, generator=gen)
+        losses.append(diffusion_loss(start, data[idx], schedule, t, eps, "l2").mean())
+    mean_loss = torch.stack(losses).mean()
+    mean_loss.backward()
+    for (name, p_ref), p in zip(start.named_parameters(), trained.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert records[0]["loss"] == pytest.approx(float(mean_loss.detach()), rel=1e-6)  # logged: mean over micro-batches
+
+
+def test_one_micro_batch_is_the_plain_loop_bit_for_bit(tmp_path):
+    a, rec_a, _ = _train(tmp_path / "a", steps=3, accumulate=1)
+    b, rec_b, _ = _train(tmp_path / "b", steps=3, accumulate=1, ema_every_micro_batch=False)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert [r["loss"] for r in rec_a] == [r["loss"] for r in rec_b]
+
+
+@pytest.mark.parametrize("per_micro, expected", [(True, 8), (False, 2)])
+def test_ema_updates_per_micro_batch_as_the_release_or_per_step(tmp_path, per_micro, expected):
+    model = _model()
+    ema = EMA(model)
+    _train(tmp_path / "e", steps=2, accumulate=4, ema=ema, model=model, ema_every_micro_batch=per_micro)
+    assert int(ema.num_updates) == expected
+
+
+def test_steps_and_lr_schedule_count_optimizer_steps(tmp_path):
+    _, records, summary = _train(tmp_path / "s", steps=3, accumulate=2)
+    assert summary["step"] == 3 and [r["step"] for r in records] == [1, 2, 3]
+    assert [r["lr"] for r in records] == pytest.approx([1e-2 / 2, 1e-2 / 3, 1e-2 / 4])  # lambda(s) after s+1 steps
+    # 3 steps x 2 micro-batches x 4 = 24 items: exactly one epoch of the data order
+    assert records[-1]["epoch"] == 0
+
+
+def test_resume_with_accumulation_is_exact(tmp_path):
+    straight, rec, _ = _train(tmp_path / "straight", steps=4, accumulate=2)
+    state = tmp_path / "resumed"
+    first, _, s1 = _train(state, steps=4, accumulate=2, stop_after=2, ckpt_every=2)
+    assert s1["step"] == 2
+    resumed, rec2, s2 = _train(state, steps=4, accumulate=2)
+    assert s2["resumed_from"] == 2 and s2["step"] == 4
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    assert [r["loss"] for r in rec2] == [r["loss"] for r in rec[2:]]
+
+
+def test_accumulation_below_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="accumulate"):
+        _train(tmp_path / "bad", steps=1, accumulate=0)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from replication.training.distributed import DistInfo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        data, model = _data(), _model()
+        schedule = Schedule.make("linear", 1000, 0.0015, 0.0195)
+        train_loop(model, None, schedule, lambda idx, g: (data[idx], None), ITEMS, _settings(1, 2), Path(out_dir) / "state",
+                   lambda **r: None, torch.device("cpu"), DistInfo(rank=rank, world_size=world))
+        torch.save({n: p.grad for n, p in model.named_parameters()}, Path(out_dir) / f"grad{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_syncs_the_accumulated_gradient_once_per_step(tmp_path):
+    """Two gloo processes, 2 micro-batches each: DDP skips the all-reduce on the first micro-batch (no_sync) and
+    averages on the last, so every rank holds the mean over ranks of its accumulated gradient."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    grads = [torch.load(tmp_path / f"grad{r}.pt") for r in range(2)]
+    data, schedule = _data(), Schedule.make("linear", 1000, 0.0015, 0.0195)
+    expected = []
+    for rank in range(2):  # each rank's draws: its own generator (seed * world + rank), its slice of each batch
+        model = _model()
+        order, gen = DataOrder(ITEMS, BATCH, rank, 2, seed=3), torch.Generator().manual_seed(3 * 2 + rank)
+        losses = []
+        for _ in range(2):
+            idx = order.next()
+            t = sample_timesteps(BATCH, 1000, generator=gen)
+            eps = torch.randn(BATCH, *SHAPE, generator=gen)
+            losses.append(diffusion_loss(model, data[idx], schedule, t, eps, "l2").mean())
+        torch.stack(losses).mean().backward()
+        expected.append({n: p.grad for n, p in model.named_parameters()})
+    for name in expected[0]:
+        mean = (expected[0][name] + expected[1][name]) / 2
+        torch.testing.assert_close(grads[0][name], mean, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads[1][name], mean, rtol=1e-5, atol=1e-7, msg=name)
+        assert not torch.allclose(expected[0][name], expected[1][name])  # the ranks really saw different data

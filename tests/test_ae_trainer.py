@@ -1,0 +1,122 @@
+"""The first-stage training loop (replication/training/ae_trainer.py): gradient accumulation with Lightning's
+semantics (the original autoencoder configs accumulate 2 micro-batches), each loss reaching only its own
+optimiser's parameters, and the discriminator start counted in optimizer steps. Tiny real models (smoke_vq layout,
+no perceptual network), real loops."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from replication.models.autoencoder import build_autoencoder
+from replication.models.autoencoder_config import AutoencoderConfigError, validate_autoencoder_cfg
+from replication.models.losses import AutoencoderLoss
+from replication.training.ae_trainer import train_autoencoder_loop
+from replication.training.ldm_trainer import DataOrder
+
+ROOT = Path(__file__).resolve().parents[1]
+ITEMS, BATCH = 12, 2
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def _cfg(disc_start: int):
+    raw = OmegaConf.load(ROOT / "experiments/autoencoder/smoke_vq.yaml")
+    raw.loss.disc_start = disc_start
+    return validate_autoencoder_cfg(raw)
+
+
+def _images() -> torch.Tensor:
+    return torch.rand(ITEMS, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+
+def _build(cfg):
+    torch.manual_seed(0)
+    return build_autoencoder(cfg), AutoencoderLoss.from_config(cfg.kind, cfg.loss)
+
+
+def _train(tmp, model, loss_fn, steps, accumulate, records=None):
+    data = _images()
+    return train_autoencoder_loop(model, loss_fn, lambda idx, g: data[idx], ITEMS, steps, BATCH, lr=1e-3,
+                                  betas=(0.5, 0.9), seed=4, state_dir=tmp, stats=lambda **r: (records if records is not None else []).append(r),
+                                  device=torch.device("cpu"), log_every=1, ckpt_every=1000, progress=False,
+                                  accumulate=accumulate)
+
+
+def _reference_grads(cfg, accumulate: int, step: int = 0):
+    """The loop's draws replayed by hand: per micro-batch the data order's indices, then the posterior noise."""
+    model, loss_fn = _build(cfg)
+    data = _images()
+    order, gen = DataOrder(ITEMS, BATCH, seed=4), torch.Generator().manual_seed(4)
+    params_g = list(model.parameters())
+    params_d = list(loss_fn.discriminator_parameters())
+    loss_g_total, loss_d_total = 0.0, 0.0
+    for _ in range(accumulate):
+        x = data[order.next()]
+        noise = torch.randn(BATCH, model.latent_channels, 32 // model.downsampling_factor,
+                            32 // model.downsampling_factor, generator=gen)
+        x_rec, aux = model(x, sample_posterior=True, noise=noise)
+        loss_g, _ = loss_fn.generator_loss(x, x_rec, aux, step, model.last_layer())
+        loss_d, _ = loss_fn.discriminator_loss(x, x_rec.detach(), step)
+        loss_g_total = loss_g_total + loss_g / accumulate
+        loss_d_total = loss_d_total + loss_d / accumulate
+    g_grads = torch.autograd.grad(loss_g_total, params_g, allow_unused=True)
+    d_grads = torch.autograd.grad(loss_d_total, params_d, allow_unused=True) if torch.is_tensor(loss_d_total) and loss_d_total.requires_grad else None
+    return g_grads, d_grads
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_generator_and_discriminator_gradients_are_the_mean_over_micro_batches(tmp_path, accumulate):
+    cfg = _cfg(disc_start=0)  # GAN active from the first step: both optimisers step
+    model, loss_fn = _build(cfg)
+    summary = _train(tmp_path / "s", model, loss_fn, steps=1, accumulate=accumulate)
+    assert summary["step"] == 1
+    g_ref, d_ref = _reference_grads(cfg, accumulate)
+    assert d_ref is not None
+    for p, ref in zip(model.parameters(), g_ref):
+        if ref is None:
+            assert p.grad is None or not p.grad.any()
+        else:
+            torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-7)
+    # the generator loss also flows through the discriminator; those gradients must not reach its optimiser
+    for p, ref in zip(loss_fn.discriminator_parameters(), d_ref):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_discriminator_start_counts_optimizer_steps(tmp_path):
+    """disc_start 2 with 3 micro-batches per step: the discriminator first steps at optimizer step 2 (the third),
+    not after two micro-batches."""
+    cfg = _cfg(disc_start=2)
+    model, loss_fn = _build(cfg)
+    d_start = [p.detach().clone() for p in loss_fn.discriminator_parameters()]
+    _train(tmp_path / "a", model, loss_fn, steps=2, accumulate=3)
+    assert all(torch.equal(p, q) for p, q in zip(loss_fn.discriminator_parameters(), d_start))
+    _train(tmp_path / "a", model, loss_fn, steps=3, accumulate=3)  # resumes at step 2, then one GAN step
+    assert any(not torch.equal(p, q) for p, q in zip(loss_fn.discriminator_parameters(), d_start))
+
+
+def test_logged_loss_is_the_micro_batch_mean_and_bad_values_are_refused(tmp_path):
+    records: list[dict] = []
+    cfg = _cfg(disc_start=1000)
+    model, loss_fn = _build(cfg)
+    summary = _train(tmp_path / "l", model, loss_fn, steps=1, accumulate=2, records=records)
+    logged = [r for r in records if r.get("event") == "train_autoencoder"]
+    assert len(logged) == 1 and logged[0]["loss"] == pytest.approx(summary["last_loss"])
+    with pytest.raises(ValueError, match="accumulate"):
+        _train(tmp_path / "bad", *_build(cfg), steps=1, accumulate=0)
+    raw = OmegaConf.load(ROOT / "experiments/autoencoder/smoke_vq.yaml")
+    raw.train.accumulate_grad_batches = 0
+    with pytest.raises(AutoencoderConfigError, match="accumulate_grad_batches must be >= 1"):
+        validate_autoencoder_cfg(raw)
+
+
+def test_a_copy_of_the_model_trains_identically_with_one_micro_batch(tmp_path):
+    """accumulate 1 is the plain loop: two runs from the same start agree bit for bit."""
+    cfg = _cfg(disc_start=0)
+    m1, l1 = _build(cfg)
+    m2, l2 = copy.deepcopy(m1), copy.deepcopy(l1)
+    _train(tmp_path / "x", m1, l1, steps=2, accumulate=1)
+    _train(tmp_path / "y", m2, l2, steps=2, accumulate=1)
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
