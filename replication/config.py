@@ -59,7 +59,7 @@ class TrainerConfig:
     fused_adam: bool = False
     gradient_checkpointing: bool = False
     use_latent_cache: bool = True  # train on cached moments instead of encoding every batch
-    num_workers: int = 0
+    pin_memory: bool = False  # page-locked, non-blocking input copies (CUDA only; issue 7)
     eval_every: int = 0  # >0: FID-vs-train-steps curve points (Fig. 6) every this many steps
     eval_num_samples: int = 0
     source: str = ""

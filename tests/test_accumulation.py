@@ -162,3 +162,23 @@ def test_ddp_syncs_the_accumulated_gradient_once_per_step(tmp_path):
         torch.testing.assert_close(grads[0][name], mean, rtol=1e-5, atol=1e-7, msg=name)
         torch.testing.assert_close(grads[1][name], mean, rtol=1e-5, atol=1e-7, msg=name)
         assert not torch.allclose(expected[0][name], expected[1][name])  # the ranks really saw different data
+
+
+def test_pinned_copy_is_a_plain_copy_off_cuda_and_keeps_values(tmp_path):
+    from replication.utils.transfer import to_device
+
+    x = torch.randn(3, 2)
+    y = to_device(x, torch.device("cpu"), pin_memory=True)  # no CUDA: nothing to pin, nothing fails
+    assert torch.equal(x, y) and y.device.type == "cpu"
+    a, rec_a, _ = _train(tmp_path / "a", steps=2, accumulate=1, pin_memory=True)
+    b, rec_b, _ = _train(tmp_path / "b", steps=2, accumulate=1, pin_memory=False)
+    assert [r["loss"] for r in rec_a] == [r["loss"] for r in rec_b]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_copy_on_cuda_is_exact():
+    from replication.utils.transfer import to_device
+
+    x = torch.randn(64, 8)
+    y = to_device(x, torch.device("cuda"), pin_memory=True)
+    assert y.device.type == "cuda" and torch.equal(y.cpu(), x)

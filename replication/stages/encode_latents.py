@@ -30,9 +30,13 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     model = load_first_stage(ctx.run_dir, ctx.typed, ctx.device)
     out = ctx.stage_dir / "train.latents"
 
+    from replication.utils.transfer import to_device
+
+    pin = ctx.typed["trainer"].pin_memory
+
     @torch.no_grad()
     def encode_fn(x: torch.Tensor) -> torch.Tensor:
-        return model.encode_moments(x.to(ctx.device)).cpu()
+        return model.encode_moments(to_device(x, ctx.device, pin)).cpu()
 
     # the encoder at full image resolution is far heavier than a U-Net step: cap its batch (memory only)
     card = encode_to_cache(encode_fn, images, out, batch_size=min(ctx.typed["trainer"].batch_size, 64),

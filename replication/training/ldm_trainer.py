@@ -23,6 +23,7 @@ from replication.diffusion.schedule import Schedule
 from replication.training.checkpoint import check_state_dict_fits, load_latest_state, rng_state, save_state, set_rng_state
 from replication.training.distributed import DistInfo, all_reduce_mean
 from replication.training.signals import Preempted, StopRequested, TrainingDiverged
+from replication.utils.transfer import to_device
 
 log = logging.getLogger("replication")
 
@@ -57,6 +58,7 @@ class LoopSettings:
     # The release updates LitEma in on_train_batch_end, which Lightning calls after every micro-batch, so with
     # accumulation the EMA also sees the unchanged weights between optimizer steps. False: once per step.
     ema_every_micro_batch: bool = True
+    pin_memory: bool = False  # page-locked, non-blocking copies of each batch to a CUDA device
 
 
 class DataOrder:
@@ -188,11 +190,12 @@ def train_loop(
             for micro in range(settings.accumulate):
                 indices = order.next()
                 x0, cond = batch_fn(indices, generator)
-                x0 = x0.to(device)
+                x0 = to_device(x0, device, settings.pin_memory)
                 if cond is not None:
-                    cond = cond.to(device)
-                t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator=generator).to(device)
-                noise = torch.randn(x0.shape, generator=generator).to(device)
+                    cond = to_device(cond, device, settings.pin_memory)
+                t = to_device(sample_timesteps(x0.shape[0], schedule.num_timesteps, generator=generator), device,
+                              settings.pin_memory)
+                noise = to_device(torch.randn(x0.shape, generator=generator), device, settings.pin_memory)
                 last_micro = micro == settings.accumulate - 1
                 # DDP all-reduces gradients on the last micro-batch of a step only
                 with (ddp.no_sync() if ddp is not None and not last_micro else nullcontext()):
