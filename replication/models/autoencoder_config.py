@@ -72,6 +72,10 @@ class AETrainConfig:
     adam_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
     # The original's generator optimiser omits loss.logvar, so the learned log-variance stays at its init.
     train_logvar: bool = False
+    # Lightning runs training_step once per optimiser, so the release's discriminator judges a fresh forward pass
+    # (a new posterior sample for KL) made after the generator's optimizer step. false: reuse the generator pass's
+    # reconstruction (one forward fewer per step; not the release).
+    disc_fresh_forward: bool = True
     log_every: int = 100
     ckpt_every: int = 5000
 

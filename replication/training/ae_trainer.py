@@ -36,10 +36,15 @@ def train_autoencoder_loop(
     progress: bool = True,
     train_logvar: bool = False,
     accumulate: int = 1,
+    disc_fresh_forward: bool = True,
 ) -> dict[str, Any]:
     """`steps` counts optimizer steps (Lightning's global_step, which the discriminator start compares with); with
     `accumulate` > 1 each step averages the gradients of that many micro-batches of `batch_size` (loss / N), as
-    Lightning's accumulate_grad_batches in the original autoencoder trainer (its configs use 2)."""
+    Lightning's accumulate_grad_batches in the original autoencoder trainer (its configs use 2).
+
+    Order within a micro-batch, as Lightning's loop over the two optimisers: generator pass, loss and backward;
+    the generator's optimizer step if this micro-batch ends the step; then (`disc_fresh_forward`, while the
+    discriminator's weight is non-zero) a new no-grad pass of the autoencoder for the discriminator's loss."""
     if accumulate < 1:
         raise ValueError(f"accumulate (accumulate_grad_batches) must be >= 1, got {accumulate}")
     generator = torch.Generator().manual_seed(seed)
@@ -79,10 +84,11 @@ def train_autoencoder_loop(
             if opt_d is not None:
                 opt_d.zero_grad(set_to_none=True)
             step_d, micro_logs, micro_losses = False, [], []
-            for _ in range(accumulate):
+            for micro in range(accumulate):
                 x = images_fn(order.next(), generator).to(device)
-                noise = torch.randn(x.shape[0], model.latent_channels, x.shape[2] // model.downsampling_factor,
-                                    x.shape[3] // model.downsampling_factor, generator=generator).to(device)
+                latent_shape = (x.shape[0], model.latent_channels, x.shape[2] // model.downsampling_factor,
+                                x.shape[3] // model.downsampling_factor)
+                noise = torch.randn(latent_shape, generator=generator).to(device)
                 x_rec, aux = model(x, sample_posterior=True, noise=noise)
                 loss_g, logs_g = loss_fn.generator_loss(x, x_rec, aux, step, model.last_layer())
                 if not math.isfinite(float(loss_g.detach())):
@@ -90,15 +96,21 @@ def train_autoencoder_loop(
                 # gradients of each loss reach its own optimiser's parameters only (Lightning's toggle_optimizer)
                 torch.autograd.backward(loss_g / accumulate if accumulate > 1 else loss_g, inputs=params_g)
                 logs = {k: float(v) for k, v in logs_g.items()}
+                if micro == accumulate - 1:
+                    opt_g.step()
                 if opt_d is not None:
-                    loss_d, logs_d = loss_fn.discriminator_loss(x, x_rec.detach(), step)
+                    x_fake = x_rec.detach()
+                    if disc_fresh_forward and loss_fn.disc_factor_at(step) > 0:
+                        with torch.no_grad():
+                            x_fake, _ = model(x, sample_posterior=True,
+                                              noise=torch.randn(latent_shape, generator=generator).to(device))
+                    loss_d, logs_d = loss_fn.discriminator_loss(x, x_fake, step)
                     if loss_d.requires_grad:
                         torch.autograd.backward(loss_d / accumulate if accumulate > 1 else loss_d, inputs=params_d)
                         step_d = True
                     logs.update({k: float(v) for k, v in logs_d.items()})
                 micro_logs.append(logs)
                 micro_losses.append(float(loss_g.detach()))
-            opt_g.step()
             if step_d:
                 opt_d.step()
             logs = {k: sum(m[k] for m in micro_logs) / len(micro_logs) for k in micro_logs[0]}
