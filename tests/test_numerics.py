@@ -174,3 +174,21 @@ def test_bf16_training_curve_matches_fp32(typed, tmp_path):
     # the bound means something: another seed (other t, noise and data order) moves step losses far more
     other = _curve(typed, tmp_path, bf16=False, seed=1)
     assert ((other - fp32).abs() / fp32).max().item() > 5 * CURVE_STEP_BOUND
+
+
+@pytest.mark.parametrize("experiment", ["smoke", "smoke_cin"])
+def test_denoisers_trace_into_one_graph_for_compile(experiment):
+    """torch.compile's speed needs the whole U-Net (and the class embedder) in one graph: a graph break splits
+    it and, for host reads such as .item(), syncs the GPU on every step. Dynamo tracing only (no inductor), so
+    this runs in seconds on the CPU; the paper U-Nets share these code paths."""
+    from replication.bench import compose_typed
+
+    typed = compose_typed([f"experiment={experiment}"])
+    model = build_unet(typed).train()
+    c = typed["unet"]
+    x = torch.randn(2, c.in_channels, c.image_size, c.image_size)
+    kwargs = {"y": torch.tensor([0, 2])} if typed["root"].conditioning.kind.value == "class_embed" else {}
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x, torch.tensor([3, 500]), **kwargs)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

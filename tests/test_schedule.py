@@ -219,3 +219,40 @@ def test_missing_and_inconsistent_values_are_errors():
     cfg["timesteps"] = "many"
     with pytest.raises(ConfigError, match=r"diffusion\.timesteps"):
         validate_diffusion_cfg(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device path of extract() needs CUDA")
+def test_extract_on_cuda_gathers_on_the_device_without_a_sync_and_equals_the_cpu_path():
+    sched = Schedule.make("linear", T, B0, B1)
+    t = torch.tensor([0, 999, 500, 17])
+    cpu = extract(sched.sqrt_alphas_cumprod, t, (4, 3, 8, 8))
+    t_dev = t.cuda()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync inside raises
+    try:
+        dev = extract(sched.sqrt_alphas_cumprod, t_dev, (4, 3, 8, 8))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert dev.device.type == "cuda" and torch.equal(dev.cpu(), cpu)
+
+
+def test_extract_off_the_cpu_reads_a_cached_device_table():
+    """The non-CPU path, exercised on the meta device (shapes only): one device copy per table, reused, and
+    dropped once its schedule is gone."""
+    import gc
+
+    from replication.diffusion import schedule as S
+
+    sched = Schedule.make("linear", T, B0, B1)
+    t = torch.tensor([0, 999, 500], device="meta")
+    out = extract(sched.alphas_cumprod, t, (3, 4, 8, 8))
+    assert out.device.type == "meta" and out.shape == (3, 1, 1, 1) and out.dtype == torch.float32
+    first = S._table_on(sched.alphas_cumprod, torch.device("meta"))
+    assert S._table_on(sched.alphas_cumprod, torch.device("meta")) is first
+    key = (id(sched.alphas_cumprod), "meta")
+    assert key in S._DEVICE_TABLES
+    del sched, first
+    gc.collect()
+    other = Schedule.make("linear", 10, B0, B1)
+    S._table_on(other.betas, torch.device("meta"))  # a new table prunes the dead ones
+    assert (id(other.betas), "meta") in S._DEVICE_TABLES
+    assert all(ref() is not None for ref, _ in S._DEVICE_TABLES.values())

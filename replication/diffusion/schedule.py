@@ -16,6 +16,7 @@ Tables follow the original's `register_schedule` (ddpm.py) with v_posterior = 0 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Sequence
@@ -156,6 +157,22 @@ def check_timesteps(ts: np.ndarray, num_timesteps: int) -> None:
         raise ValueError("timesteps must be strictly increasing")
 
 
+_DEVICE_TABLES: dict[tuple[int, str], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _table_on(arr: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device copy of a (never modified) schedule table, made once per table and device."""
+    key = (id(arr), str(device))
+    hit = _DEVICE_TABLES.get(key)
+    if hit is not None and hit[0]() is arr:
+        return hit[1]
+    for k in [k for k, (ref, _) in _DEVICE_TABLES.items() if ref() is None]:  # tables of dropped schedules
+        del _DEVICE_TABLES[k]
+    copy = arr.to(device)
+    _DEVICE_TABLES[key] = (weakref.ref(arr), copy)
+    return copy
+
+
 def extract(arr: torch.Tensor, t: torch.Tensor, shape: Sequence[int] | torch.Size,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """arr[t] (float64 table, one value per sample), reshaped to [B, 1, ..., 1] to broadcast against `shape`,
@@ -164,8 +181,15 @@ def extract(arr: torch.Tensor, t: torch.Tensor, shape: Sequence[int] | torch.Siz
         raise ValueError(f"t must be a 1-D LongTensor [B], got shape {tuple(t.shape)}")
     if t.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"t must be an integer tensor, got {t.dtype}")
-    idx = t.detach().to("cpu", torch.int64)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= arr.shape[0]):
-        raise ValueError(f"timestep out of range [0, {arr.shape[0] - 1}]: min {int(idx.min())}, max {int(idx.max())}")
-    out = arr[idx].to(device=t.device, dtype=dtype)
+    if t.device.type == "cpu":
+        idx = t.detach().to(torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= arr.shape[0]):
+            raise ValueError(f"timestep out of range [0, {arr.shape[0] - 1}]: min {int(idx.min())}, max {int(idx.max())}")
+        out = arr[idx].to(dtype=dtype)
+    else:
+        # gather on t's device from a cached copy of the table: reading t back to the host, or copying the table
+        # from pageable memory, would sync the GPU on every training step. The same float64 values, cast after the
+        # gather, so results are identical; the device's indexing checks the upper bound (t comes from
+        # sample_timesteps or a sampler's grid, never negative).
+        out = _table_on(arr, t.device)[t.detach().to(torch.int64)].to(dtype)
     return out.reshape(t.shape[0], *([1] * (len(shape) - 1)))

@@ -34,7 +34,10 @@ class ClassEmbedder(nn.Module):
             raise ValueError(f"class labels must be 1-D (B,), got shape {tuple(labels.shape)}")
         if labels.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"class labels must be integer, got {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
+        # the range check reads the labels on the host: skipped inside torch.compile, where it would split the
+        # graph (and sync the GPU) on every forward; training and sampling check their labels once up front
+        if (not torch.compiler.is_compiling() and labels.numel()
+                and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes)):
             raise ValueError(
                 f"class label out of range [0, {self.n_classes}): min {int(labels.min())}, max {int(labels.max())}"
             )
