@@ -263,6 +263,14 @@ def feature_flops(typed: dict[str, Any]) -> int:
 
 # ---------------------------------------------------------------------------------------------- measurements
 
+def _release_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _measure(step: Callable[[], Any], device: torch.device, warmup: int, iters: int, images_per_call: int,
              gflop_per_image: float, peak_tflops: float, fast: FastPath) -> dict[str, Any]:
     """Warm up (compilation happens here), reset the memory peak, time `iters` calls: the steady state. A failure
@@ -276,10 +284,13 @@ def _measure(step: Callable[[], Any], device: torch.device, warmup: int, iters: 
     except torch.OutOfMemoryError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         result["error"] = f"out of memory: {first_line}"
-        return result
     except Exception as exc:  # noqa: BLE001 - one failed path (e.g. a compile error) must not lose the other rows
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         result["error"] = f"{type(exc).__name__}: {first_line}"[:300]
+    if result["error"] is not None:
+        # outside the except block, the traceback (and the failed step's tensors) is gone: free the memory
+        # before the next path is measured
+        _release_memory(device)
         return result
     img_per_s = images_per_call / timing.seconds_per_iter
     tflops = gflop_per_image * img_per_s / 1e3
