@@ -335,12 +335,12 @@ def measure_train(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: Ben
     def step() -> None:
         with autocast(fast, device):
             loss = diffusion_loss(denoise, x0, schedule, t, noise, loss_type).mean()
-        value = float(loss.detach())  # the loop reads every loss back (divergence check, logging)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if ema is not None:
             ema.update(model)
+        value = float(loss.detach())  # as the loop: one read per step, after the step's work is queued
         if not first_loss:
             first_loss.append(value)
 

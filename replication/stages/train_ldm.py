@@ -132,9 +132,12 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     # kept in the full-state checkpoint (filled by train_loop: from the checkpoint, or init_extra on a fresh start)
     extra: dict[str, Any] = {}
 
+    from replication.utils.transfer import to_device
+
     def latents(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         noise = torch.randn(moments.shape[0], first_stage.latent_channels, *moments.shape[2:], generator=generator)
-        return first_stage.latent_from_moments(moments.to(device), noise=noise.to(device))
+        return first_stage.latent_from_moments(to_device(moments, device, trainer.pin_memory),
+                                               noise=to_device(noise, device, trainer.pin_memory))
 
     def init_extra() -> dict[str, Any]:
         if not diffusion.scale_by_std:

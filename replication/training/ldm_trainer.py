@@ -201,14 +201,8 @@ def train_loop(
                 with (ddp.no_sync() if ddp is not None and not last_micro else nullcontext()):
                     with autocast:
                         loss = diffusion_loss(denoiser_for(cond), x0, schedule, t, noise, settings.loss_type).mean()
-                    loss_value = float(all_reduce_mean(loss.detach().float(), dist))
-                    if not math.isfinite(loss_value):
-                        raise TrainingDiverged(
-                            f"loss is {loss_value} at step {step + 1}; stopped. The last good full-state checkpoint "
-                            f"in {state_dir} is untouched: lower the learning rate or check the data, then rerun to "
-                            "resume.")
                     (loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
-                micro_losses.append(loss_value)
+                micro_losses.append(loss.detach().float())
                 if ema is not None and settings.ema_every_micro_batch and not last_micro:
                     ema.update(model)  # on_train_batch_end of a micro-batch without an optimizer step
             if settings.grad_clip:
@@ -217,8 +211,17 @@ def train_loop(
             scheduler.step()
             if ema is not None:
                 ema.update(model)
+            # The step's one host read, after its whole backward, optimizer and EMA work is queued (reading the loss
+            # right after the forward would leave the GPU idle while the backward is launched). A non-finite loss
+            # stops here, before anything of this step is written: the last checkpoint on disk stays good.
+            values = all_reduce_mean(torch.stack(micro_losses), dist).tolist()
+            if not all(math.isfinite(v) for v in values):
+                bad = next(v for v in values if not math.isfinite(v))
+                raise TrainingDiverged(
+                    f"loss is {bad} at step {step + 1}; stopped. The last good full-state checkpoint in {state_dir} "
+                    "is untouched: lower the learning rate or check the data, then rerun to resume.")
             step += 1
-            loss_value = sum(micro_losses) / len(micro_losses)
+            loss_value = sum(values) / len(values)
             last_loss = loss_value
             bar.update(1)
             if dist.is_main and (step % settings.log_every == 0 or step == 1):
