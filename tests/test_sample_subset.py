@@ -57,3 +57,45 @@ def test_builtin_labels_are_the_first_shape_and_leave_the_pixels_alone():
     assert len(np.unique(labels)) == NUM_BUILTIN_CLASSES  # 40 draws cover all three kinds
     _, tail = make_builtin_labelled(10, 16, seed=1, start=30)
     np.testing.assert_array_equal(tail, labels[30:])
+
+
+def test_generator_swaps_snapshot_weights_in_place_and_samples_as_a_fresh_one(tmp_path):
+    """Fig. 6 snapshots reuse one generator (on CUDA, one compilation): loading a snapshot into it gives the same
+    images as a generator built with those weights, and a snapshot of another model is refused by name."""
+    import torch
+
+    from replication.bench import compose_typed
+    from replication.perf import nonzero_init_
+    from replication.stages.artifacts import build_first_stage, build_unet
+    from replication.stages.sample import Generator
+    from replication.utils.io import save_tensors
+    from replication.utils.state import CheckpointMismatchError
+
+    torch.set_num_threads(1)
+    typed = compose_typed(["experiment=smoke", "sampler.steps=4"])
+    first_stage = build_first_stage(typed).eval()
+    torch.manual_seed(0)
+    unet_a = nonzero_init_(build_unet(typed), seed=0).eval()
+    unet_b = nonzero_init_(build_unet(typed), seed=1).eval()
+    snap = tmp_path / "step_000000100.safetensors"
+    save_tensors(snap, unet_b.state_dict())
+    device = torch.device("cpu")
+    gen = Generator(unet_a, first_stage, 0.5, typed, device)
+    params_before = [id(p) for p in gen.unet.parameters()]
+    before = gen(np.arange(4), steps=4)
+    gen.load_weights(snap)
+    assert [id(p) for p in gen.unet.parameters()] == params_before  # same tensors, new values
+    swapped = gen(np.arange(4), steps=4)
+    fresh = Generator(copy_of(unet_b), first_stage, 0.5, typed, device)(np.arange(4), steps=4)
+    np.testing.assert_array_equal(swapped, fresh)
+    assert not np.array_equal(swapped, before)
+    bad = tmp_path / "other.safetensors"
+    save_tensors(bad, {"not_a_unet.weight": torch.zeros(2)})
+    with pytest.raises((CheckpointMismatchError, ValueError), match="not_a_unet"):
+        gen.load_weights(bad)
+
+
+def copy_of(module):
+    import copy
+
+    return copy.deepcopy(module)

@@ -45,6 +45,16 @@ class Generator:
         ucfg = typed["unet"]
         self.latent_shape = (ucfg.in_channels, ucfg.image_size, ucfg.image_size)  # U-Net image_size = latent size
 
+    def load_weights(self, path: Path) -> None:
+        """Swap other U-Net weights (a Fig. 6 snapshot) into the same module, in place: a compiled call stays
+        valid, so a series of snapshots is compiled once, not once per snapshot."""
+        from replication.training.checkpoint import check_state_dict_fits
+        from replication.utils.io import load_tensors
+
+        state = load_tensors(path)
+        check_state_dict_fits(self.unet, state, f"LDM weights {path}")
+        self.unet.load_state_dict(state)
+
     def denoiser(self, labels: Optional[torch.Tensor], guidance_scale: float):
         from replication.diffusion.guidance import classifier_free
 
@@ -189,9 +199,9 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     n_eval = ctx.typed["trainer"].eval_num_samples
     for snap in sorted(snap_dir.glob("step_*.safetensors")) if n_eval > 0 else []:
         step = int(snap.stem.split("_")[1])
-        snap_gen = make_generator(ctx, weights=snap, device=device)
+        gen.load_weights(snap)  # the main samples and Fig. 7 curves are done: reuse the (compiled) generator
         d = ctx.run_dir / "sample" / "snapshots" / f"step_{step:09d}"
-        sample_to_shards(snap_gen, d, n_eval, sampler.steps, root.sample_shard_size, sampler.batch_size, ctx.progress,
+        sample_to_shards(gen, d, n_eval, sampler.steps, root.sample_shard_size, sampler.batch_size, ctx.progress,
                          desc=f"snapshot step {step}", dist=dist)
         snapshots.append({"train_step": step, "dir": str(d)})
         outputs.append(d)
