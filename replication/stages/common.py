@@ -62,13 +62,16 @@ class StageContext:
     device: torch.device
     progress: bool
     inputs: dict[str, str] = field(default_factory=dict)  # path -> sha256, recorded in the manifest
+    is_main: bool = True  # rank 0 (or the only process): the one that writes stats, manifest and done.json
 
     @property
     def root(self) -> Any:
         return self.typed["root"]
 
     def stats(self, **record: Any) -> None:
-        """Append one record to the stage's append-only stats.jsonl."""
+        """Append one record to the stage's append-only stats.jsonl (rank 0 only under torchrun/srun)."""
+        if not self.is_main:
+            return
         record.setdefault("time", time.time())
         append_jsonl(self.stage_dir / "stats.jsonl", record)
 
@@ -161,9 +164,9 @@ def _device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _setup_logging(stage_dir: Path) -> logging.Handler:
+def _setup_logging(stage_dir: Path, rank: int = 0) -> logging.Handler:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(stage_dir / "log.txt")
+    handler = logging.FileHandler(stage_dir / ("log.txt" if rank == 0 else f"log.rank{rank}.txt"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("replication")
     root.setLevel(logging.INFO)
@@ -177,29 +180,93 @@ def _setup_logging(stage_dir: Path) -> logging.Handler:
     return handler
 
 
+# Stage bodies that use every process of a torchrun/srun job (DDP training; sampling shards split by rank). The
+# others run on rank 0 while the other ranks wait for its result.
+DISTRIBUTED_STAGES = frozenset({"train_ldm", "sample"})
+
+
 def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str, Any]]) -> dict[str, Any]:
-    """Run `body` for `stage` unless it is up to date; return its result dict (with `skipped`)."""
+    """Run `body` for `stage` unless it is up to date; return its result dict (with `skipped`).
+
+    Under torchrun or an srun step with several tasks, rank 0 decides whether the stage is up to date (every
+    rank follows it), single-process stages run on rank 0 only while the others wait (an error there ends every
+    rank with its message), and only rank 0 writes the manifest and done.json."""
+    from replication.training.distributed import broadcast_from_main, init_distributed
+
     typed = validate_config(cfg)
     root = typed["root"]
     run_dir = run_dir_for(cfg)
     stage_dir = run_dir / stage
     forced = "all" in root.force or stage in root.force
-    if not forced and is_up_to_date(stage, cfg):
+    device = resolve_device(root.device)
+    dist = init_distributed(device)
+    up_to_date = broadcast_from_main((not forced and is_up_to_date(stage, cfg)) if dist.is_main else None, dist)
+    if up_to_date:
         result = dict(read_json(stage_dir / DONE_FILE).get("result", {}))
         result["skipped"] = True
-        log.info("stage %s of %s is up to date; skipped (force=[%s] reruns it)", stage, root.name, stage)
+        if dist.is_main:
+            log.info("stage %s of %s is up to date; skipped (force=[%s] reruns it)", stage, root.name, stage)
         return result
-    handler = _setup_logging(stage_dir)
-    device = resolve_device(root.device)
+    if dist.enabled and stage not in DISTRIBUTED_STAGES:
+        return _on_rank0(stage, dist, stage_dir, lambda: _run_stage(stage, cfg, body, typed, run_dir, device, dist))
+    if not dist.enabled:
+        return _run_stage(stage, cfg, body, typed, run_dir, device, dist)
+    # every rank runs the body; then they compare notes, so that one failed rank ends all of them (rather than
+    # leaving the others waiting) and nobody moves on before rank 0 has written done.json
+    from replication.training.distributed import gather_objects
+
+    error, result = None, {}
+    try:
+        result = _run_stage(stage, cfg, body, typed, run_dir, device, dist)
+    except BaseException as exc:
+        error = exc
+    errors = gather_objects(None if error is None else f"{type(error).__name__}: {error}", dist)
+    if error is not None:
+        raise error
+    failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise StageError(f"stage {stage} failed on process {rank} of {dist.world_size}: {msg}")
+    return result
+
+
+def _on_rank0(stage: str, dist: Any, stage_dir: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    from replication.training.distributed import broadcast_from_main
+
+    if dist.is_main:
+        error = None
+        try:
+            return run()
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            broadcast_from_main(error, dist)
+    log.info("stage %s: process %d waits for rank 0, which runs it alone", stage, dist.rank)
+    error = broadcast_from_main(None, dist)
+    if error is not None:
+        raise StageError(f"stage {stage} failed on rank 0 (see {stage_dir / 'log.txt'}): {error}")
+    result = dict(read_json(stage_dir / DONE_FILE).get("result", {}))
+    result.update(skipped=False, ran_on="rank 0")
+    return result
+
+
+def _run_stage(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str, Any]], typed: dict[str, Any],
+               run_dir: Path, device: torch.device, dist: Any) -> dict[str, Any]:
+    root = typed["root"]
+    stage_dir = run_dir / stage
+    handler = _setup_logging(stage_dir, dist.rank)
     if root.cpu_threads:
         torch.set_num_threads(root.cpu_threads)
     seed_everything(root.seed)  # weight initialisation and any library randomness repeat run to run
     ctx = StageContext(name=stage, cfg=cfg, typed=typed, run_dir=run_dir, stage_dir=stage_dir, device=device,
-                       progress=root.progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+                       progress=root.progress and dist.is_main, is_main=dist.is_main)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     started = time.time()
-    log.info("stage %s of %s: start (device %s)", stage, root.name, device)
+    log.info("stage %s of %s: start (device %s%s)", stage, root.name, device,
+             f", process {dist.rank} of {dist.world_size}" if dist.enabled else "")
     try:
         result = body(ctx)
     finally:
@@ -207,26 +274,28 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
         handler.close()
     elapsed = time.time() - started
     outputs = [str(p) for p in result.pop("outputs", [])]
-    manifest = {
-        "stage": stage,
-        "experiment": root.name,
-        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "seconds": round(elapsed, 3),
-        "git_commit": _git_commit(),
-        "packages": _package_versions(),
-        "device": _device_info(device),
-        "seeds": {"seed": root.seed, "sampler_seed": _select(cfg, "sampler.seed")},
-        "inputs": ctx.inputs,
-        "outputs": outputs,
-        "config_choices": dict(root.choices),
-        "config": {k: _select(cfg, k) for k in STAGE_DEPS[stage][0]},
-        "argv": sys.argv,
-    }
-    atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
-    atomic_write_json(stage_dir / DONE_FILE, {"fingerprint": fingerprint(stage, cfg), "run_id": uuid.uuid4().hex,
-                                              "outputs": outputs, "result": result})
-    ctx.stats(event="stage_done", seconds=elapsed)
-    log.info("stage %s of %s: done in %.1f s", stage, root.name, elapsed)
+    if dist.is_main:
+        manifest = {
+            "stage": stage,
+            "experiment": root.name,
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "seconds": round(elapsed, 3),
+            "git_commit": _git_commit(),
+            "packages": _package_versions(),
+            "device": _device_info(device),
+            "processes": dist.world_size,
+            "seeds": {"seed": root.seed, "sampler_seed": _select(cfg, "sampler.seed")},
+            "inputs": ctx.inputs,
+            "outputs": outputs,
+            "config_choices": dict(root.choices),
+            "config": {k: _select(cfg, k) for k in STAGE_DEPS[stage][0]},
+            "argv": sys.argv,
+        }
+        atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
+        atomic_write_json(stage_dir / DONE_FILE, {"fingerprint": fingerprint(stage, cfg), "run_id": uuid.uuid4().hex,
+                                                  "outputs": outputs, "result": result})
+        ctx.stats(event="stage_done", seconds=elapsed)
+        log.info("stage %s of %s: done in %.1f s", stage, root.name, elapsed)
     result["skipped"] = False
     result["seconds"] = elapsed
     return result

@@ -1,11 +1,65 @@
-"""PyTorch distributed set-up for torchrun (one process per GPU); a single process needs nothing."""
+"""PyTorch distributed set-up: torchrun (one process per GPU), or SLURM tasks started by srun (Hydra's submitit
+launcher with `tasks_per_node` > 1), whose variables are translated to torchrun's. A single process needs nothing.
+"""
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import re
 from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("replication")
+
+# waits of idle ranks while rank 0 runs a single-process stage (hours for an autoencoder): a gloo group whose
+# timeout outlasts any stage, instead of the default group's (NCCL: 10 minutes)
+_WAIT_TIMEOUT = datetime.timedelta(days=30)
+_wait_group: Any = None
+# set to 0 to ignore SLURM's variables (e.g. an srun step that starts independent jobs on purpose)
+SLURM_SWITCH = "REPLICATION_SLURM_DIST"
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[003-004,010],cpu1' -> 'gpu003', 'node7' -> 'node7'."""
+    nodelist = nodelist.strip()
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m or not m.group(1):
+        raise ValueError(f"cannot read a host name from SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(3)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def torch_env_from_slurm(env: Mapping[str, str]) -> Optional[dict[str, str]]:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) for a task of
+    an srun step with more than one task, or None (already set by torchrun, not an srun step, one task, or
+    switched off). A batch script itself has SLURM_PROCID 0 and SLURM_NTASKS N but no step variables, so a plain
+    `python` there stays a single process instead of waiting for N - 1 peers that never come."""
+    if "WORLD_SIZE" in env or env.get(SLURM_SWITCH, "1") == "0":
+        return None
+    ntasks = env.get("SLURM_STEP_NUM_TASKS")
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env or not ntasks or int(ntasks) <= 1:
+        return None
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise ValueError("srun step with several tasks but no SLURM_STEP_NODELIST/SLURM_JOB_NODELIST to find rank 0")
+    job = int(env.get("SLURM_JOB_ID", "0") or 0)
+    tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].split(",")[0]
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": ntasks,
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": tasks_per_node or ntasks,
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+        # one port per job (and step), so two jobs sharing a node do not meet each other
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + (job * 7 + int(env["SLURM_STEP_ID"])) % 20000),
+    }
 
 
 @dataclass(frozen=True)
@@ -24,7 +78,13 @@ class DistInfo:
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK)."""
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK), or the one
+    an srun step describes (translated by torch_env_from_slurm)."""
+    slurm = torch_env_from_slurm(os.environ)
+    if slurm is not None:
+        os.environ.update(slurm)
+        log.info("SLURM step: process %s of %s (local %s), rank 0 at %s:%s", slurm["RANK"], slurm["WORLD_SIZE"],
+                 slurm["LOCAL_RANK"], slurm["MASTER_ADDR"], slurm["MASTER_PORT"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -55,3 +115,35 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y)
     return y / info.world_size
+
+
+def _waiting_group() -> Any:
+    global _wait_group
+    if _wait_group is None:  # collective: every rank reaches this at the same point (execute(), first stage)
+        _wait_group = dist.new_group(backend="gloo", timeout=_WAIT_TIMEOUT)
+    return _wait_group
+
+
+def broadcast_from_main(value: Any, info: DistInfo) -> Any:
+    """Rank 0's `value` on every rank (a picklable object; CPU gloo, with a timeout that outlasts any stage, so
+    ranks may wait here while rank 0 works alone)."""
+    if not info.enabled:
+        return value
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=_waiting_group())
+    return box[0]
+
+
+def wait_for_all(info: DistInfo) -> None:
+    """A barrier with the long timeout of broadcast_from_main."""
+    if info.enabled:
+        dist.barrier(group=_waiting_group())
+
+
+def gather_objects(value: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (the long-timeout gloo group)."""
+    if not info.enabled:
+        return [value]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, value, group=_waiting_group())
+    return out

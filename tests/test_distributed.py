@@ -1,0 +1,100 @@
+"""Several processes, one pipeline: SLURM's variables (srun, Hydra's submitit launcher with tasks_per_node > 1)
+become torchrun's, and `python -m replication.run` in N processes runs single-process stages once on rank 0
+while the others wait, the DDP/sharded stages on all, and ends every process when one fails. Real gloo
+processes on the CPU."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pipeline_helpers import REPO, env, paths_overrides, read_jsonl
+from replication.training.distributed import first_slurm_host, torch_env_from_slurm
+
+STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+        "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[017-018]"}
+
+
+@pytest.mark.parametrize("nodelist, first", [("gpu[003-004,010],cpu1", "gpu003"), ("node7", "node7"),
+                                             ("n1,n2", "n1"), ("rack-a[09]", "rack-a09"), ("x[1-2]y", "x1")])
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+def test_srun_task_variables_become_torchrun_variables():
+    out = torch_env_from_slurm(STEP)
+    assert out == {"RANK": "1", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                   "MASTER_ADDR": "gpu017", "MASTER_PORT": str(20000 + (4242 * 7) % 20000)}
+    assert torch_env_from_slurm({**STEP, "MASTER_PORT": "12345"})["MASTER_PORT"] == "12345"
+
+
+@pytest.mark.parametrize("change", [
+    {"WORLD_SIZE": "8"},                   # torchrun inside the step already said it
+    {"SLURM_STEP_NUM_TASKS": "1"},         # one task: nothing to join
+    {"REPLICATION_SLURM_DIST": "0"},       # switched off
+])
+def test_no_translation_where_it_would_be_wrong(change):
+    assert torch_env_from_slurm({**STEP, **change}) is None
+
+
+def test_a_batch_script_is_not_mistaken_for_a_multi_task_step():
+    """sbatch's own shell has SLURM_PROCID 0 and SLURM_NTASKS N but no step: a plain `python` there is one
+    process, not rank 0 of N waiting forever."""
+    batch = {k: v for k, v in STEP.items() if not k.startswith("SLURM_STEP")}
+    assert torch_env_from_slurm({**batch, "SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two(overrides: list[str]) -> list[subprocess.CompletedProcess]:
+    """What srun starts for a 2-task step: the same command twice with per-task SLURM variables."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        e = env()
+        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"):
+            e.pop(k, None)
+        e.update({"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                  "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost",
+                  "MASTER_PORT": port, "OMP_NUM_THREADS": "1"})
+        procs.append(subprocess.Popen([sys.executable, "-m", "replication.run", *overrides], cwd=REPO, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+@pytest.mark.e2e
+def test_two_srun_tasks_run_the_whole_pipeline_once(tmp_path):
+    overrides = ["experiment=smoke", *paths_overrides(tmp_path), "autoencoder.train.steps=20",
+                 "trainer.steps=10", "trainer.ckpt_every=5", "trainer.eval_every=0", "sampler.num_samples=64",
+                 "curves.ddim_steps=[]", "cpu_threads=1", "progress=false"]
+    results = _launch_two(overrides)
+    for rank, r in enumerate(results):
+        assert r.returncode == 0, f"rank {rank}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    run = tmp_path / "runs" / "smoke"
+    for stage in ("prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample", "evaluate", "report"):
+        done = [r for r in read_jsonl(run / stage / "stats.jsonl") if r.get("event") == "stage_done"]
+        assert len(done) == 1, stage  # once, by rank 0, not once per process
+        assert json.loads((run / stage / "manifest.json").read_text())["processes"] == 2
+    assert json.loads((run / "train_ldm" / "meta.json").read_text())["world_size"] == 2  # DDP really had 2
+    assert (run / "train_ldm" / "log.rank1.txt").is_file() and not (run / "evaluate" / "log.rank1.txt").exists()
+    assert "waits for rank 0, which runs it alone" in results[1].stderr + results[1].stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["metrics"]["FID"]["value"] > 0 and metrics["metrics"]["FID"]["n_samples"] == 64
+
+    # a stage that fails on rank 0 ends rank 1 too, with rank 0's message, instead of leaving it waiting
+    bad = overrides + ["metrics.inception_weights=/nonexistent/pt_inception.pth", "metrics.allow_standin=false"]
+    results = _launch_two(bad)
+    assert results[0].returncode != 0 and results[1].returncode != 0
+    assert "failed on rank 0" in results[1].stderr and "/nonexistent/pt_inception.pth" in results[1].stderr
