@@ -13,14 +13,19 @@
 # (the benchmark rewrites its JSON after every row, in the order train, sample, decode, encode, features).
 #
 # Usage (repository root):  bash replication/gpu_check.sh
-#   env: OUT_DIR (default reports/benchmarks), PER_EXPERIMENT_S (default 210), COPY_TO (also copy results there)
+#   env: OUT_DIR (default reports/benchmarks), PER_EXPERIMENT_S (default 200), COPY_TO (also copy results there)
 #   rehearsal on a machine without a GPU (tests/test_gpu_check.py runs it so): DEVICE=cpu EXPERIMENTS="smoke:4"
 #   BENCH_ARGS="--steps 1 ..." replaces the paper-shape arguments below; MERGE_TAG names the merged files.
+# After the benchmark, while the time allows (EXTRAS_BUDGET_S, default 560 s since the start), it runs the
+# CUDA-only tests that are skipped elsewhere (pinned copies, extract() without a host sync) and the smoke
+# experiment through the real stages with trainer=default (bf16, compile, channels_last, fused AdamW,
+# pinned memory, compiled sampling); logs go to OUT_DIR/<tag>-extras/. EXTRAS=0 skips them; SMOKE_OVERRIDES
+# adds overrides (the CPU rehearsal switches compile off).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT_DIR=${OUT_DIR:-reports/benchmarks}
-PER_EXPERIMENT_S=${PER_EXPERIMENT_S:-210}
+PER_EXPERIMENT_S=${PER_EXPERIMENT_S:-200}
 DEVICE=${DEVICE:-cuda}
 EXPERIMENTS=${EXPERIMENTS:-"lsun_churches_ldm8:96 celebahq_ldm4:48"}
 TMP=$(mktemp -d)
@@ -79,7 +84,39 @@ if [ ${#files[@]} -eq 0 ]; then
 fi
 mkdir -p "$OUT_DIR"
 python -m replication.bench --merge "${files[@]}" --out "$OUT_DIR" ${MERGE_TAG:+--tag "$MERGE_TAG"} || exit 1
+tag=${MERGE_TAG:-$(ls -t "$OUT_DIR"/*.json | head -1 | xargs -n1 basename | sed 's/\.json$//')}
+EXTRAS=${EXTRAS:-$([ "$DEVICE" = cuda ] && echo 1 || echo 0)}
+EXTRAS_BUDGET_S=${EXTRAS_BUDGET_S:-560}
+if [ "$EXTRAS" = 1 ]; then
+  extras="$OUT_DIR/$tag-extras"
+  mkdir -p "$extras"
+  left=$(( EXTRAS_BUDGET_S - ($(date +%s) - start) ))
+  if [ "$left" -gt 20 ]; then
+    echo "== CUDA-only tests (limit $(( left < 90 ? left : 90 ))s)"
+    timeout --kill-after=10 $(( left < 90 ? left : 90 )) python -m pytest -q -p no:cacheprovider -k cuda \
+      tests/test_schedule.py tests/test_accumulation.py > "$extras/cuda-tests.log" 2>&1
+    echo "   exit status $? (log: $extras/cuda-tests.log)"; tail -3 "$extras/cuda-tests.log"
+  fi
+  left=$(( EXTRAS_BUDGET_S - ($(date +%s) - start) ))
+  if [ "$left" -gt 45 ]; then
+    echo "== smoke experiment through the real stages, trainer=default (limit ${left}s)"
+    read -r -a SMOKE_EXTRA <<< "${SMOKE_OVERRIDES:-}"
+    timeout --kill-after=10 "$left" python -m replication.run experiment=smoke trainer=default \
+      trainer.steps=40 trainer.batch_size=16 trainer.ckpt_every=20 trainer.log_every=5 trainer.eval_every=0 \
+      autoencoder.train.steps=50 \
+      sampler.num_samples=64 "curves.ddim_steps=[]" progress=false device="$DEVICE" \
+      runs_root="$TMP/runs" reports_dir="$TMP/reports" data_root="$TMP/data" ${SMOKE_EXTRA[@]+"${SMOKE_EXTRA[@]}"} \
+      > "$extras/smoke-default-trainer.log" 2>&1
+    rc=$?
+    echo "   exit status $rc (log: $extras/smoke-default-trainer.log)"
+    grep -E "stage .* done in|Error" "$extras/smoke-default-trainer.log" | tail -9
+    cp "$TMP/runs/smoke/train_ldm/stats.jsonl" "$extras/train_ldm-stats.jsonl" 2>/dev/null || true
+    cp "$TMP/runs/smoke/metrics.json" "$extras/smoke-metrics.json" 2>/dev/null || true
+  else
+    echo "== smoke experiment skipped: ${left}s left of EXTRAS_BUDGET_S"
+  fi
+fi
 if [ -n "${COPY_TO:-}" ]; then
-  cp "$OUT_DIR"/*.json "$OUT_DIR"/*.md "$COPY_TO"/ 2>/dev/null || true
+  cp -r "$OUT_DIR"/*.json "$OUT_DIR"/*.md "$OUT_DIR"/*-extras "$COPY_TO"/ 2>/dev/null || true
 fi
 echo "gpu_check: done in $(( $(date +%s) - start ))s; results in $OUT_DIR"

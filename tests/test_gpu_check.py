@@ -31,12 +31,18 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+# the CPU stand-ins for the GPU run's trainer=default levers in the extras' smoke run
+SMOKE_OVERRIDES = ("trainer.compile=false trainer.precision=fp32 trainer.channels_last=false trainer.fused_adam=false "
+                   "sampling_speed.compile=false cpu_threads=1")
+
+
 def test_rehearsal_on_the_cpu_writes_the_merged_table(tmp_path):
     out, copy = tmp_path / "bench", tmp_path / "copied"
     copy.mkdir()
-    proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env=_env(DEVICE="cpu", EXPERIMENTS="smoke:4", BENCH_ARGS=REHEARSAL_ARGS, OUT_DIR=str(out),
-                                   MERGE_TAG="rehearsal", COPY_TO=str(copy), PER_EXPERIMENT_S="400"))
+                                   MERGE_TAG="rehearsal", COPY_TO=str(copy), PER_EXPERIMENT_S="400", EXTRAS="1",
+                                   EXTRAS_BUDGET_S="800", SMOKE_OVERRIDES=SMOKE_OVERRIDES))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== smoke, train batch 4" in proc.stdout and "gpu_check: done" in proc.stdout
     merged = json.loads((out / "rehearsal.json").read_text())
@@ -50,6 +56,15 @@ def test_rehearsal_on_the_cpu_writes_the_merged_table(tmp_path):
     table = (out / "rehearsal.md").read_text()
     assert "| train |" in table and table.strip() in proc.stdout  # the script ends by printing the table
     assert (copy / "rehearsal.json").read_bytes() == (out / "rehearsal.json").read_bytes()
+    # the extras: the CUDA-only tests (skipped on this CPU, not failed) and the smoke chain through the real stages
+    extras = out / "rehearsal-extras"
+    assert "2 skipped" in (extras / "cuda-tests.log").read_text()
+    assert "== smoke experiment through the real stages" in proc.stdout
+    assert f"exit status 0 (log: {extras / 'smoke-default-trainer.log'})" in proc.stdout
+    losses = [json.loads(line) for line in (extras / "train_ldm-stats.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in losses if r.get("event") == "train") == 40
+    assert json.loads((extras / "smoke-metrics.json").read_text())["metrics"]["FID"]["value"] > 0
+    assert (copy / "rehearsal-extras" / "smoke-metrics.json").is_file()
 
 
 def test_a_malformed_experiment_list_is_refused_before_any_work(tmp_path):
