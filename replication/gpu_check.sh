@@ -13,6 +13,8 @@
 # (the benchmark rewrites its JSON after every row, in the order train, sample, decode, encode, features).
 #
 # Usage (repository root):  bash replication/gpu_check.sh
+#   on this project's device machines (no registry there, an image without Hydra): first, here,
+#   `bash replication/gpu_wheels.sh`, then run `COPY_TO=$OUT bash replication/gpu_check.sh` with carry [".whl"]
 #   env: OUT_DIR (default reports/benchmarks), PER_EXPERIMENT_S (default 200), COPY_TO (also copy results there)
 #   rehearsal on a machine without a GPU (tests/test_gpu_check.py runs it so): DEVICE=cpu EXPERIMENTS="smoke:4"
 #   BENCH_ARGS="--steps 1 ..." replaces the paper-shape arguments below; MERGE_TAG names the merged files.
@@ -28,13 +30,28 @@ OUT_DIR=${OUT_DIR:-reports/benchmarks}
 PER_EXPERIMENT_S=${PER_EXPERIMENT_S:-200}
 DEVICE=${DEVICE:-cuda}
 EXPERIMENTS=${EXPERIMENTS:-"lsun_churches_ldm8:96 celebahq_ldm4:48"}
+PY=${PYTHON:-python3}  # the device machines have python3 (the one with PyTorch), maybe no `python`
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 export HF_HUB_OFFLINE=1
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
 
+# The device machines' image lacks Hydra/OmegaConf, torch-fidelity and lpips: install the wheels carried in .whl/
+# (made here by replication/gpu_wheels.sh; name .whl in the device call's carry) when the imports fail.
+if ! "$PY" -c "import hydra, omegaconf, torch_fidelity, lpips" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  if ! "$PY" -c "import hydra, omegaconf, torch_fidelity, lpips"; then
+    echo "gpu_check: Hydra/OmegaConf/torch-fidelity/lpips are missing; run bash replication/gpu_wheels.sh where pip" >&2
+    echo "           reaches the registry and carry .whl to this machine" >&2
+    exit 3
+  fi
+fi
+
 if [ "$DEVICE" = cuda ]; then
-  if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA device visible; this script measures paper shapes on a GPU only" >&2
     echo "           (on the CPU run: python -m replication.bench experiment=smoke --device cpu," >&2
     echo "            or rehearse this script: DEVICE=cpu EXPERIMENTS=smoke:4 BENCH_ARGS='--steps 1 --warmup 1')" >&2
@@ -55,7 +72,7 @@ run_one() {
   local name=$1 batch=$2
   echo "== $name, train batch $batch (limit ${PER_EXPERIMENT_S}s)"
   timeout --signal=TERM --kill-after=15 "$PER_EXPERIMENT_S" \
-    python -m replication.bench "experiment=$name" --batch "$batch" "${COMMON[@]}" --tag "$name"
+    "$PY" -m replication.bench "experiment=$name" --batch "$batch" "${COMMON[@]}" --tag "$name"
   local rc=$?
   [ $rc -eq 124 ] && echo "   $name: cut at ${PER_EXPERIMENT_S}s; keeping the rows measured so far"
   [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "   $name: exit status $rc"
@@ -83,7 +100,7 @@ if [ ${#files[@]} -eq 0 ]; then
   exit 1
 fi
 mkdir -p "$OUT_DIR"
-python -m replication.bench --merge "${files[@]}" --out "$OUT_DIR" ${MERGE_TAG:+--tag "$MERGE_TAG"} || exit 1
+"$PY" -m replication.bench --merge "${files[@]}" --out "$OUT_DIR" ${MERGE_TAG:+--tag "$MERGE_TAG"} || exit 1
 tag=${MERGE_TAG:-$(ls -t "$OUT_DIR"/*.json | head -1 | xargs -n1 basename | sed 's/\.json$//')}
 EXTRAS=${EXTRAS:-$([ "$DEVICE" = cuda ] && echo 1 || echo 0)}
 EXTRAS_BUDGET_S=${EXTRAS_BUDGET_S:-560}
@@ -93,7 +110,7 @@ if [ "$EXTRAS" = 1 ]; then
   left=$(( EXTRAS_BUDGET_S - ($(date +%s) - start) ))
   if [ "$left" -gt 20 ]; then
     echo "== CUDA-only tests (limit $(( left < 90 ? left : 90 ))s)"
-    timeout --kill-after=10 $(( left < 90 ? left : 90 )) python -m pytest -q -p no:cacheprovider -k cuda \
+    timeout --kill-after=10 $(( left < 90 ? left : 90 )) "$PY" -m pytest -q -p no:cacheprovider -k cuda \
       tests/test_schedule.py tests/test_accumulation.py > "$extras/cuda-tests.log" 2>&1
     echo "   exit status $? (log: $extras/cuda-tests.log)"; tail -3 "$extras/cuda-tests.log"
   fi
@@ -101,7 +118,7 @@ if [ "$EXTRAS" = 1 ]; then
   if [ "$left" -gt 45 ]; then
     echo "== smoke experiment through the real stages, trainer=default (limit ${left}s)"
     read -r -a SMOKE_EXTRA <<< "${SMOKE_OVERRIDES:-}"
-    timeout --kill-after=10 "$left" python -m replication.run experiment=smoke trainer=default \
+    timeout --kill-after=10 "$left" "$PY" -m replication.run experiment=smoke trainer=default \
       trainer.steps=40 trainer.batch_size=16 trainer.ckpt_every=20 trainer.log_every=5 trainer.eval_every=0 \
       autoencoder.train.steps=50 \
       sampler.num_samples=64 "curves.ddim_steps=[]" progress=false device="$DEVICE" \
