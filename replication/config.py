@@ -45,6 +45,8 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1  # micro-batches of batch_size per optimizer step (Lightning semantics)
     # the release's LitEma updates after every micro-batch (Lightning's on_train_batch_end); false: per step
     ema_every_micro_batch: bool = True
+    # resume a checkpoint of another process count (re-seeded streams; not bit-identical to an uninterrupted run)
+    allow_world_size_change: bool = False
     weight_decay: float = 0.01  # torch AdamW default, as the original (not stated in the paper)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     use_ema: bool = True

@@ -5,6 +5,7 @@ exact. Small real models, real train loops."""
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,39 @@ def test_pinned_copy_on_cuda_is_exact():
     x = torch.randn(64, 8)
     y = to_device(x, torch.device("cuda"), pin_memory=True)
     assert y.device.type == "cuda" and torch.equal(y.cpu(), x)
+
+
+def _ddp_train_worker(rank: int, world: int, init_file: str, state_dir: str, steps: int) -> None:
+    import torch.distributed as dist
+
+    from replication.training.distributed import DistInfo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        data = _data()
+        train_loop(_model(), None, Schedule.make("linear", 1000, 0.0015, 0.0195), lambda idx, g: (data[idx], None),
+                   ITEMS, _settings(steps, 1, ckpt_every=2), Path(state_dir), lambda **r: None, torch.device("cpu"),
+                   DistInfo(rank=rank, world_size=world))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_with_another_process_count_is_refused_unless_allowed(tmp_path):
+    """A 2-process checkpoint resumed by 1 process: refused by default (it would silently change the run), and
+    with allow_world_size_change it continues deterministically from the same step and data position."""
+    import torch.multiprocessing as mp
+
+    state = tmp_path / "state"
+    mp.spawn(_ddp_train_worker, args=(2, str(tmp_path / "init"), str(state), 2), nprocs=2, join=True)
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\).*allow_world_size_change"):
+        _train(state, steps=4, accumulate=1)
+    runs = []
+    for k in range(2):
+        work = tmp_path / f"copy{k}"
+        shutil.copytree(state, work)
+        model, records, summary = _train(work, steps=4, accumulate=1, allow_world_size_change=True)
+        assert summary["resumed_from"] == 2 and summary["step"] == 4 and [r["step"] for r in records] == [3, 4]
+        runs.append((model, [r["loss"] for r in records]))
+    assert runs[0][1] == runs[1][1]  # deterministic continuation
+    assert all(torch.equal(p, q) for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()))

@@ -180,7 +180,8 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         keep_last=trainer.keep_last_ckpts, seed=ctx.root.seed, bf16=trainer.precision == Precision.bf16,
         channels_last=trainer.channels_last, compile=trainer.compile, fused_adam=trainer.fused_adam,
         snapshot_every=trainer.eval_every, progress=ctx.progress, accumulate=trainer.accumulate_grad_batches,
-        ema_every_micro_batch=trainer.ema_every_micro_batch, pin_memory=trainer.pin_memory)
+        ema_every_micro_batch=trainer.ema_every_micro_batch, pin_memory=trainer.pin_memory,
+        allow_world_size_change=trainer.allow_world_size_change)
     summary = train_loop(unet, ema, schedule, batch_fn, num_items, settings, ctx.run_dir / LDM_STATE_DIR, ctx.stats,
                          device, dist, extra_state=extra, init_extra=init_extra, on_snapshot=on_snapshot)
     outputs: list[Path] = []

@@ -59,6 +59,18 @@ class LoopSettings:
     # accumulation the EMA also sees the unchanged weights between optimizer steps. False: once per step.
     ema_every_micro_batch: bool = True
     pin_memory: bool = False  # page-locked, non-blocking copies of each batch to a CUDA device
+    # Resume a checkpoint written by another number of processes (a preempted 8-GPU job restarted on 4): the data
+    # order continues where it was, each rank's random stream is re-seeded from (seed, step, rank, world). The
+    # continuation is deterministic but not the one an uninterrupted run would have taken. Off: refuse.
+    allow_world_size_change: bool = False
+
+
+def _reseed(seed: int, step: int, rank: int, world: int) -> int:
+    """A loop-generator seed for a rank after a change of process count (distinct per seed, step, rank, world)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}/{step}/{rank}/{world}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class DataOrder:
@@ -136,12 +148,20 @@ def train_loop(
         order.load_state_dict(state["data_order"])
         set_rng_state(state["rng"], generator)
         per_rank = state["rng"].get("generator_per_rank")
-        if dist.enabled:  # each rank continues its own stream (seed * world + rank)
-            if not per_rank or len(per_rank) != dist.world_size:
-                raise ValueError(f"checkpoint in {state_dir} was written by {len(per_rank or [None])} process(es); "
-                                 f"resume with the same number of processes ({dist.world_size} now)")
-            generator.set_state(per_rank[dist.rank])
+        written_by = len(per_rank) if per_rank else 1
         step = resumed_from = int(state["step"])
+        if written_by != dist.world_size:
+            if not settings.allow_world_size_change:
+                raise ValueError(
+                    f"checkpoint in {state_dir} was written by {written_by} process(es); resume with the same number "
+                    f"of processes ({dist.world_size} now), or set trainer.allow_world_size_change=true to continue "
+                    "with this many (deterministic, but not the run an uninterrupted job would have made; keep the "
+                    "global batch with trainer.batch_size)")
+            generator.manual_seed(_reseed(settings.seed, step, dist.rank, dist.world_size))
+            log.warning("resuming a %d-process checkpoint with %d process(es): random streams re-seeded at step %d",
+                        written_by, dist.world_size, step)
+        elif dist.enabled:  # each rank continues its own stream (seed * world + rank)
+            generator.set_state(per_rank[dist.rank])
         extra_state.clear()
         extra_state.update(state.get("extra") or {})
         log.info("resumed from step %d (%s)", step, state_dir)
