@@ -69,15 +69,21 @@ def num_label_classes(typed: dict[str, Any]) -> int | None:
     return cond.num_classes
 
 
+def load_unet_weights(unet: torch.nn.Module, path: Path) -> None:
+    """Our safetensors weights into `unet`, in place (its tensors keep their identity: a compiled call stays valid);
+    a file of another model is refused naming the tensors."""
+    state = load_tensors(path)
+    check_state_dict_fits(unet, state, f"LDM weights {path}")
+    unet.load_state_dict(state)
+
+
 def load_ldm(run_dir: Path, typed: dict[str, Any], device: torch.device, weights: str | Path | None = None,
              use_ema: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     unet = build_unet(typed)
     path = Path(weights) if weights else run_dir / (LDM_EMA if use_ema else LDM_RAW)
     if not path.exists():
         raise ArtifactError(f"LDM weights {path} are missing: run the train_ldm stage first")
-    state = load_tensors(path)
-    check_state_dict_fits(unet, state, f"LDM weights {path}")
-    unet.load_state_dict(state)
+    load_unet_weights(unet, path)
     meta = read_json(run_dir / LDM_META)
     return unet.to(device).eval().requires_grad_(False), meta
 

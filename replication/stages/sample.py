@@ -48,12 +48,9 @@ class Generator:
     def load_weights(self, path: Path) -> None:
         """Swap other U-Net weights (a Fig. 6 snapshot) into the same module, in place: a compiled call stays
         valid, so a series of snapshots is compiled once, not once per snapshot."""
-        from replication.training.checkpoint import check_state_dict_fits
-        from replication.utils.io import load_tensors
+        from replication.stages.artifacts import load_unet_weights
 
-        state = load_tensors(path)
-        check_state_dict_fits(self.unet, state, f"LDM weights {path}")
-        self.unet.load_state_dict(state)
+        load_unet_weights(self.unet, path)
 
     def denoiser(self, labels: Optional[torch.Tensor], guidance_scale: float):
         from replication.diffusion.guidance import classifier_free
