@@ -60,20 +60,25 @@ def _train(tmp, steps, accumulate, ema=None, stop_after=None, model=None, **over
     return model, [r for r in records if r.get("event") == "train"], summary
 
 
+def _replayed_mean_loss(model: nn.Module, micro: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The first step's loss replayed by hand with the loop's draws in its documented order: per micro-batch the
+    data order's indices (this rank's slice), then t, then eps, from the rank's generator (seed * world + rank)."""
+    data, schedule = _data(), Schedule.make("linear", 1000, 0.0015, 0.0195)
+    order, gen = DataOrder(ITEMS, BATCH, rank, world, seed=3), torch.Generator().manual_seed(3 * world + rank)
+    losses = []
+    for _ in range(micro):
+        idx = order.next()
+        t = sample_timesteps(BATCH, 1000, generator=gen)
+        eps = torch.randn(BATCH, *SHAPE, generator=gen)
+        losses.append(diffusion_loss(model, data[idx], schedule, t, eps, "l2").mean())
+    return torch.stack(losses).mean()
+
+
 def test_accumulated_gradient_is_the_mean_loss_gradient_of_all_micro_batches(tmp_path):
     start = _model()
     trained, records, summary = _train(tmp_path / "a", steps=1, accumulate=3, model=copy.deepcopy(start))
     assert summary["step"] == 1 and len(records) == 1
-    # the same draws in the loop's documented order: per micro-batch indices, then t, then eps
-    data, schedule = _data(), Schedule.make("linear", 1000, 0.0015, 0.0195)
-    order, gen = DataOrder(ITEMS, BATCH, seed=3), torch.Generator().manual_seed(3)
-    losses = []
-    for _ in range(3):
-        idx = order.next()
-        t = sample_timesteps(BATCH, 1000, generator=gen)
-        eps = torch.randn(BATCH, *SHAPE, generator=gen)
-        losses.append(diffusion_loss(start, data[idx], schedule, t, eps, "l2").mean())
-    mean_loss = torch.stack(losses).mean()
+    mean_loss = _replayed_mean_loss(start, micro=3)
     mean_loss.backward()
     for (name, p_ref), p in zip(start.named_parameters(), trained.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -145,18 +150,10 @@ def test_ddp_syncs_the_accumulated_gradient_once_per_step(tmp_path):
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     grads = [torch.load(tmp_path / f"grad{r}.pt") for r in range(2)]
-    data, schedule = _data(), Schedule.make("linear", 1000, 0.0015, 0.0195)
     expected = []
-    for rank in range(2):  # each rank's draws: its own generator (seed * world + rank), its slice of each batch
+    for rank in range(2):
         model = _model()
-        order, gen = DataOrder(ITEMS, BATCH, rank, 2, seed=3), torch.Generator().manual_seed(3 * 2 + rank)
-        losses = []
-        for _ in range(2):
-            idx = order.next()
-            t = sample_timesteps(BATCH, 1000, generator=gen)
-            eps = torch.randn(BATCH, *SHAPE, generator=gen)
-            losses.append(diffusion_loss(model, data[idx], schedule, t, eps, "l2").mean())
-        torch.stack(losses).mean().backward()
+        _replayed_mean_loss(model, micro=2, rank=rank, world=2).backward()
         expected.append({n: p.grad for n, p in model.named_parameters()})
     for name in expected[0]:
         mean = (expected[0][name] + expected[1][name]) / 2
