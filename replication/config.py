@@ -141,6 +141,9 @@ class RootConfig:
     progress: bool = True
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     force: list[str] = field(default_factory=list)  # stage names to rerun even if up to date, or ["all"]
+    # "change one thing": the name of an earlier run under the same runs_root whose stages this run links instead
+    # of recomputing, as long as their config subset and upstream results are the same (prepare .. sample)
+    reuse_from: Optional[str] = None
     paper: PaperRef = field(default_factory=PaperRef)
     paper_protocol: PaperProtocol = field(default_factory=PaperProtocol)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)

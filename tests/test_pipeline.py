@@ -172,3 +172,39 @@ def test_class_conditional_experiment_end_to_end(tmp_path):
     assert "![samples](figures/smoke_cin_samples.png)" in table
     grid = Image.open(tmp_path / "reports" / "figures" / "smoke_cin_samples.png")
     assert "rows = classes 0..2" in grid.text["Title"]
+
+
+def test_change_one_thing_reuses_the_unchanged_stages(smoke_run):
+    """`name=NEW reuse_from=OLD` + one changed sampler value: the stages before sampling are linked from OLD (no
+    retraining), sampling and evaluation run for NEW, OLD's files are untouched, and the summary shows both. A
+    later forced rerun of a linked stage runs in NEW's own folder, never inside OLD's."""
+    import hashlib
+
+    tmp, _ = smoke_run
+    runs = tmp / "runs"
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    base_files = {p: digest(p) for p in (runs / "smoke").rglob("*") if p.is_file() and "hydra" not in p.parts}
+    common = ["experiment=smoke", *paths_overrides(tmp)]  # the base run's own config ...
+    run_module("replication.run", [*common, "name=smoke_eta1", "reuse_from=smoke", "sampler.eta=1.0",
+                                   "curves.ddim_steps=[]"])  # ... but for the sampler (and no Fig. 7 curve)
+    new = runs / "smoke_eta1"
+    for stage in ("prepare", "train_autoencoder", "encode_latents", "train_ldm"):
+        assert (new / stage).is_symlink() and (new / stage).resolve() == (runs / "smoke" / stage).resolve(), stage
+    for stage in ("sample", "evaluate", "report"):
+        assert (new / stage).is_dir() and not (new / stage).is_symlink(), stage
+    metrics = json.loads((new / "metrics.json").read_text())
+    assert metrics["protocol"]["eta"] == 1.0 and math.isfinite(metrics["metrics"]["FID"]["value"])
+    summary = (tmp / "reports" / "summary.md").read_text()
+    assert "[smoke](smoke.md)" in summary and "[smoke_eta1](smoke_eta1.md)" in summary
+
+    # nothing changed: even sampling is linked; forcing it then runs in the new run's own folder
+    run_module("replication.run", [*common, "name=smoke_same", "reuse_from=smoke", "stages=[prepare,train_autoencoder,"
+                                   "encode_latents,train_ldm,sample]"])
+    assert (runs / "smoke_same" / "sample").is_symlink()
+    run_module("replication.run", [*common, "name=smoke_same", "reuse_from=smoke", "stages=[sample]", "force=[sample]"])
+    assert not (runs / "smoke_same" / "sample").is_symlink() and (runs / "smoke_same" / "sample" / "done.json").exists()
+    changed = [str(p) for p, h in base_files.items() if not p.exists() or digest(p) != h]
+    assert not changed, changed  # the base run is exactly as it was

@@ -180,6 +180,32 @@ def _setup_logging(stage_dir: Path, rank: int = 0) -> logging.Handler:
     return handler
 
 
+# Stages a run may link from `reuse_from` (their outputs live in their own folder; evaluate and report also write
+# the run's metrics.json and report pages, so they always run for the new name)
+REUSABLE_STAGES = ("prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample")
+
+
+def link_reusable(stage: str, cfg: DictConfig, root: Any) -> bool:
+    """Link `runs/<reuse_from>/<stage>` as this run's stage folder when it is done with the fingerprint this run
+    would compute (same config subset, same upstream results) and its outputs exist. True if linked."""
+    if not root.reuse_from or root.reuse_from == root.name or stage not in REUSABLE_STAGES:
+        return False
+    run_dir = run_dir_for(cfg)
+    stage_dir = run_dir / stage
+    if stage_dir.exists() or stage_dir.is_symlink():
+        return False
+    base = Path(cfg.runs_root) / root.reuse_from / stage
+    if not (base / DONE_FILE).exists():
+        return False
+    record = read_json(base / DONE_FILE)
+    if record.get("fingerprint") != fingerprint(stage, cfg) or not all(Path(p).exists() for p in record.get("outputs", [])):
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stage_dir.symlink_to(os.path.relpath(base.resolve(), run_dir.resolve()), target_is_directory=True)
+    log.info("stage %s of %s: linked from run %s (same config and inputs)", stage, root.name, root.reuse_from)
+    return True
+
+
 # Stage bodies that use every process of a torchrun/srun job (DDP training; sampling shards split by rank). The
 # others run on rank 0 while the other ranks wait for its result.
 DISTRIBUTED_STAGES = frozenset({"train_ldm", "sample"})
@@ -200,7 +226,16 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
     forced = "all" in root.force or stage in root.force
     device = resolve_device(root.device)
     dist = init_distributed(device)
-    up_to_date = broadcast_from_main((not forced and is_up_to_date(stage, cfg)) if dist.is_main else None, dist)
+    up_to_date = None
+    if dist.is_main:
+        if not forced:
+            link_reusable(stage, cfg, root)
+        up_to_date = not forced and is_up_to_date(stage, cfg)
+        if not up_to_date and stage_dir.is_symlink():  # linked from reuse_from, now stale: never write into that run
+            stage_dir.unlink()
+            log.info("stage %s of %s: no longer linked to run %s; runs in its own folder", stage, root.name,
+                     root.reuse_from)
+    up_to_date = broadcast_from_main(up_to_date, dist)  # every process follows rank 0's decision
     if up_to_date:
         result = dict(read_json(stage_dir / DONE_FILE).get("result", {}))
         result["skipped"] = True
