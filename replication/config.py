@@ -91,6 +91,8 @@ class PaperProtocol:
     pr_protocol: Optional[str] = None
     reference_set: Optional[str] = None
     train_steps: Optional[int] = None
+    train_global_batch: Optional[int] = None  # Tab. 12-15 batch size (all processes, all accumulated micro-batches)
+    train_lr: Optional[float] = None  # Tab. 12-15 learning rate (the effective one)
     ema: Optional[bool] = None
 
 

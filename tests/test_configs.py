@@ -100,3 +100,17 @@ def test_experiment_files_hold_only_overrides():
         data = yaml.safe_load(path.read_text())
         for group in ("unet", "autoencoder", "dataset", "metrics"):
             assert group not in data or len(data[group]) <= 3, f"{path.name} restates group {group}"
+
+
+@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if not e.startswith(("ae_", "smoke"))])
+def test_experiments_train_with_the_papers_batch_and_learning_rate(name):
+    """On one process, each paper row's trainer gives the global batch and the effective learning rate its
+    paper_protocol states (Tab. 12-15), as the report will check them."""
+    from replication.diffusion.lr_schedule import effective_lr
+
+    typed = validate_config(compose([f"experiment={name}"]))
+    trainer, paper = typed["trainer"], typed["root"].paper_protocol
+    assert paper.train_global_batch is not None and paper.train_lr is not None, name
+    assert trainer.batch_size * trainer.accumulate_grad_batches == paper.train_global_batch
+    lr = effective_lr(trainer.base_lr, trainer.batch_size, 1, trainer.accumulate_grad_batches, trainer.scale_lr)
+    assert lr == pytest.approx(paper.train_lr, rel=1e-9)

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 PROTOCOL_ORDER = (
     "num_samples", "sampler", "steps", "steps_run", "eta", "ddim_spacing", "guidance_scale", "ema",
     "evaluator", "feature_extractor", "pr_protocol", "pr_reference_images", "reference_set", "reference_images",
-    "preprocessing_hash", "train_steps", "autoencoder",
+    "preprocessing_hash", "train_steps", "train_global_batch", "train_lr", "train_precision", "autoencoder",
 )
 # Our key -> the paper key it is checked against when the paper has no entry of its own name.
 ALIASES = {"steps_run": "steps"}

@@ -143,6 +143,7 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
                 "guidance_scale": sampler.guidance_scale if ctx.root.conditioning.kind.value != "none" else None,
                 "ema": bool(ldm_meta.get("ema")), "train_steps": ldm_meta.get("steps"),
                 "train_precision": ldm_meta.get("precision", "imported" if ldm_meta.get("imported") else None),
+                **_training_batch(ldm_meta),
                 "autoencoder": ctx.typed["autoencoder"].name, "scale_factor": ldm_meta.get("scale_factor"),
                 "sample_seed": sampler.seed, "notes": res["notes"]}
     reasons = _reasons(ctx, res["not_comparable_reasons"])
@@ -153,6 +154,22 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
                "paper_protocol": _paper_protocol(ctx), "curves": curves,
                "throughput": {"sampling_img_per_s": index.get("img_per_s"), "device": str(ctx.device)}}
     return metrics
+
+
+def _training_batch(ldm_meta: dict[str, Any]) -> dict[str, Any]:
+    """The global batch and learning rate the LDM was trained with (the paper states both, Tab. 12-15), and how
+    the EMA was updated when gradients were accumulated. Empty for imported weights."""
+    trainer = ldm_meta.get("trainer")
+    if not trainer:
+        return {}
+    accumulate = int(trainer.get("accumulate_grad_batches", 1))
+    out = {"train_global_batch": int(trainer["batch_size"]) * int(ldm_meta.get("world_size", 1)) * accumulate,
+           "train_lr": ldm_meta.get("lr")}
+    if accumulate > 1:
+        out["train_grad_accumulation"] = accumulate
+        out["ema_update"] = ("every micro-batch (as the release)" if trainer.get("ema_every_micro_batch", True)
+                             else "every optimizer step")
+    return out
 
 
 def _evaluate_autoencoder(ctx: StageContext) -> dict[str, Any]:
