@@ -49,14 +49,14 @@ def _model() -> TinyDenoiser:
     return TinyDenoiser()
 
 
-def _train(tmp, steps, accumulate, ema=None, stop_after=None, model=None, **over):
+def _train(tmp, steps, accumulate, ema=None, stop_after=None, model=None, resume_key=None, **over):
     data = _data()
     model = model or _model()
     records: list[dict] = []
     schedule = Schedule.make("linear", 1000, 0.0015, 0.0195)
     summary = train_loop(model, ema, schedule, lambda idx, g: (data[idx], None), ITEMS,
                          _settings(steps, accumulate, **over), tmp, lambda **r: records.append(r), torch.device("cpu"),
-                         stop_after=stop_after)
+                         stop_after=stop_after, resume_key=resume_key)
     return model, [r for r in records if r.get("event") == "train"], summary
 
 
@@ -216,3 +216,18 @@ def test_resume_with_another_process_count_is_refused_unless_allowed(tmp_path):
         runs.append((model, [r["loss"] for r in records]))
     assert runs[0][1] == runs[1][1]  # deterministic continuation
     assert all(torch.equal(p, q) for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()))
+
+
+def test_a_checkpoint_of_another_configuration_is_set_aside_not_resumed(tmp_path):
+    """Resuming a finished run after changing, say, the learning rate would hand back the old model unchanged:
+    a checkpoint written under another resume key is moved to <state>.stale and training starts from step 0."""
+    state = tmp_path / "state"
+    _, _, first = _train(state, steps=2, accumulate=1, ckpt_every=2, resume_key="config-a")
+    assert first["step"] == 2
+    model_b, records, summary = _train(state, steps=2, accumulate=1, ckpt_every=2, lr=5e-3, resume_key="config-b")
+    assert summary["resumed_from"] is None and [r["step"] for r in records] == [1, 2]  # trained afresh
+    assert (tmp_path / "state.stale").is_dir() and any((tmp_path / "state.stale").iterdir())
+    fresh_b, _, _ = _train(tmp_path / "fresh", steps=2, accumulate=1, ckpt_every=2, lr=5e-3, resume_key="config-b")
+    assert all(torch.equal(p, q) for p, q in zip(model_b.parameters(), fresh_b.parameters()))
+    _, _, again = _train(state, steps=3, accumulate=1, ckpt_every=2, lr=5e-3, resume_key="config-b")
+    assert again["resumed_from"] == 2 and again["step"] == 3  # the same configuration resumes as before

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline_helpers import REPO, env, paths_overrides, run_module
+from pipeline_helpers import REPO, env, paths_overrides, read_jsonl, run_module
 
 pytestmark = pytest.mark.e2e
 STAGES = ["prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample", "evaluate", "report"]
@@ -208,3 +208,21 @@ def test_change_one_thing_reuses_the_unchanged_stages(smoke_run):
     assert not (runs / "smoke_same" / "sample").is_symlink() and (runs / "smoke_same" / "sample" / "done.json").exists()
     changed = [str(p) for p, h in base_files.items() if not p.exists() or digest(p) != h]
     assert not changed, changed  # the base run is exactly as it was
+
+
+def test_changing_the_learning_rate_retrains_instead_of_resuming_the_old_model(smoke_run):
+    """(Runs last in this module: it changes the shared smoke run.) With the old full-state checkpoint at its final
+    step, a changed trainer.base_lr used to 'resume' straight to the end and hand back the old model. Now the stale
+    checkpoint is set aside and the stage trains from step 0; a changed step count alone still resumes."""
+    tmp, _ = smoke_run
+    run = tmp / "runs" / "smoke" / "train_ldm"
+    old_weights = (run / "ema.safetensors").read_bytes()
+    common = ["experiment=smoke", *paths_overrides(tmp), "stages=[train_ldm]", "trainer.ckpt_every=10",
+              "trainer.log_every=5"]
+    run_module("replication.run", [*common, "trainer.base_lr=5e-4", "trainer.steps=20"])
+    records = [r for r in read_jsonl(run / "stats.jsonl") if r.get("event") == "train"]
+    assert [r["step"] for r in records[-5:]] == [1, 5, 10, 15, 20]  # logged from step 1 again: trained afresh
+    assert (run / "state.stale").is_dir() and (run / "ema.safetensors").read_bytes() != old_weights
+    run_module("replication.run", [*common, "trainer.base_lr=5e-4", "trainer.steps=30"])
+    summary = json.loads((run / "done.json").read_text())["result"]
+    assert summary["resumed_from"] == 20 and summary["steps"] == 30

@@ -150,11 +150,23 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(prepared, tmp_pa
 
 
 def test_mismatched_checkpoint_names_the_tensors(prepared, tmp_path):
+    """A checkpoint written for this configuration (its resume key matches) whose tensors do not fit the model, as
+    a checkpoint from a changed model definition would be: the error names the tensors. (A changed model config
+    changes the resume key instead: that checkpoint is set aside, see test_pipeline.)"""
+    import torch
+
+    from replication.training.checkpoint import list_states
+
     tmp_path = tmp_path / "w"
     _clone_run(prepared, tmp_path)
     subprocess.run(_train_cmd(tmp_path)[:-len(TRAIN)] + [*TRAIN[1:], "trainer.steps=5"], env=env(), cwd=REPO,
                    check=True, capture_output=True, timeout=600)
-    proc = subprocess.run(_train_cmd(tmp_path)[:-len(TRAIN)] + [*TRAIN[1:], "trainer.steps=10", "unet.model_channels=64"],
+    _, latest = list_states(tmp_path / "runs" / EXP / "train_ldm" / "state")[-1]
+    state = torch.load(latest, weights_only=True)
+    weight = state["model"]["input_blocks.0.0.weight"]
+    state["model"]["input_blocks.0.0.weight"] = torch.zeros(weight.shape[0] * 2, *weight.shape[1:])
+    torch.save(state, latest)
+    proc = subprocess.run(_train_cmd(tmp_path)[:-len(TRAIN)] + [*TRAIN[1:], "trainer.steps=10"],
                           env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "does not fit the configured model" in proc.stderr and "shape mismatch" in proc.stderr

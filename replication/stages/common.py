@@ -112,15 +112,28 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return to_container(value) if isinstance(value, DictConfig) else (OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value)
 
 
-def fingerprint(stage: str, cfg: DictConfig) -> str:
-    keys, upstream = STAGE_DEPS[stage]
-    parts: dict[str, Any] = {"stage": stage, "config": {k: _select(cfg, k) for k in keys}}
+def _upstream_run_ids(stage: str, cfg: DictConfig) -> dict[str, Any]:
     run_dir = run_dir_for(cfg)
-    for up in upstream:
+    out = {}
+    for up in STAGE_DEPS[stage][1]:
         done = run_dir / up / DONE_FILE
         # the upstream's run id changes whenever it really ran, so a forced rerun makes its dependents stale
-        parts[f"upstream:{up}"] = read_json(done).get("run_id") if done.exists() else None
+        out[f"upstream:{up}"] = read_json(done).get("run_id") if done.exists() else None
+    return out
+
+
+def fingerprint(stage: str, cfg: DictConfig) -> str:
+    keys, _ = STAGE_DEPS[stage]
+    parts: dict[str, Any] = {"stage": stage, "config": {k: _select(cfg, k) for k in keys}}
+    parts.update(_upstream_run_ids(stage, cfg))
     return sha256_json(parts)
+
+
+def resume_key(stage: str, cfg: DictConfig, trajectory: dict[str, Any]) -> str:
+    """What a training stage's full-state checkpoint must have been written for to be resumed: the settings that
+    decide the training trajectory (`trajectory`, chosen by the stage) and the run ids of its inputs. Settings
+    that may change across a resume (step count, logging, checkpoint cadence, speed levers) stay out of it."""
+    return sha256_json({"stage": stage, "trajectory": trajectory, **_upstream_run_ids(stage, cfg)})
 
 
 def is_up_to_date(stage: str, cfg: DictConfig) -> bool:

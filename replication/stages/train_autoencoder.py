@@ -25,6 +25,16 @@ def _import_pretrained(path: Path, model: torch.nn.Module) -> None:
     load_first_stage_state(model, state, prefix=prefix)
 
 
+def _resume_key(ctx: StageContext) -> str:
+    """Everything of the autoencoder config but the step count, logging and checkpoint cadence, the seed and the
+    prepared data's run id: a checkpoint of another configuration is not resumed (see load_resumable_state)."""
+    from replication.stages.common import resume_key
+
+    cfg = to_container(ctx.typed["autoencoder"])
+    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("steps", "log_every", "ckpt_every")}
+    return resume_key(STAGE, ctx.cfg, {"autoencoder": cfg, "seed": ctx.root.seed})
+
+
 def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.data.prepare import open_prepared
 
@@ -69,7 +79,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
             model, loss_fn, images_fn, len(images), train.steps, train.batch_size, lr, tuple(train.adam_betas),
             ctx.root.seed, ctx.stage_dir / "state", ctx.stats, ctx.device, train.log_every, train.ckpt_every,
             progress=ctx.progress, train_logvar=train.train_logvar, accumulate=train.accumulate_grad_batches,
-            disc_fresh_forward=train.disc_fresh_forward)
+            disc_fresh_forward=train.disc_fresh_forward, resume_key=_resume_key(ctx))
         result.update(mode="trained", steps=summary["step"], last_loss=summary["last_loss"], lr=lr,
                       perceptual=getattr(loss_fn, "lpips_backbone", "n/a"))
     if has_params:

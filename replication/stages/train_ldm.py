@@ -98,6 +98,26 @@ def _import_pretrained(ctx: StageContext) -> dict[str, Any]:
             "outputs": [ctx.run_dir / LDM_EMA, ctx.run_dir / LDM_RAW, ctx.run_dir / LDM_META]}
 
 
+# Trainer settings that may change between a checkpoint and its resume: they leave the trajectory alone (or,
+# for batch_size/accumulate_grad_batches, only through the global batch, which is in the key itself).
+RESUMABLE_TRAINER_CHANGES = frozenset({
+    "steps", "log_every", "ckpt_every", "keep_last_ckpts", "precision", "compile", "channels_last", "fused_adam",
+    "gradient_checkpointing", "pin_memory", "use_latent_cache", "eval_every", "eval_num_samples",
+    "allow_world_size_change", "batch_size", "accumulate_grad_batches", "pretrained", "pretrained_use_ema", "source"})
+
+
+def _resume_key(ctx: StageContext, world_size: int) -> str:
+    from replication.stages.common import resume_key
+
+    trainer = to_container(ctx.typed["trainer"])
+    unet = {k: v for k, v in to_container(ctx.typed["unet"]).items() if k != "gradient_checkpointing"}
+    trajectory = {"trainer": {k: v for k, v in trainer.items() if k not in RESUMABLE_TRAINER_CHANGES},
+                  "global_batch": trainer["batch_size"] * trainer["accumulate_grad_batches"] * world_size,
+                  "unet": unet, "diffusion": to_container(ctx.typed["diffusion"]), "seed": ctx.root.seed,
+                  "conditioning": to_container(ctx.root.conditioning)}
+    return resume_key(STAGE, ctx.cfg, trajectory)
+
+
 def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.diffusion.guidance import drop_condition
     from replication.diffusion.lr_schedule import effective_lr
@@ -183,7 +203,8 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         ema_every_micro_batch=trainer.ema_every_micro_batch, pin_memory=trainer.pin_memory,
         allow_world_size_change=trainer.allow_world_size_change)
     summary = train_loop(unet, ema, schedule, batch_fn, num_items, settings, ctx.run_dir / LDM_STATE_DIR, ctx.stats,
-                         device, dist, extra_state=extra, init_extra=init_extra, on_snapshot=on_snapshot)
+                         device, dist, extra_state=extra, init_extra=init_extra, on_snapshot=on_snapshot,
+                         resume_key=_resume_key(ctx, dist.world_size))
     outputs: list[Path] = []
     if dist.is_main:
         save_tensors(ctx.run_dir / LDM_RAW, unet.state_dict())

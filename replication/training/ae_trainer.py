@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from replication.training.checkpoint import check_state_dict_fits, load_latest_state, rng_state, save_state, set_rng_state
+from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
+                                              set_rng_state)
 from replication.training.ldm_trainer import DataOrder
 from replication.training.signals import Preempted, StopRequested, TrainingDiverged
 
@@ -37,6 +38,7 @@ def train_autoencoder_loop(
     train_logvar: bool = False,
     accumulate: int = 1,
     disc_fresh_forward: bool = True,
+    resume_key: Optional[str] = None,
 ) -> dict[str, Any]:
     """`steps` counts optimizer steps (Lightning's global_step, which the discriminator start compares with); with
     `accumulate` > 1 each step averages the gradients of that many micro-batches of `batch_size` (loss / N), as
@@ -55,7 +57,7 @@ def train_autoencoder_loop(
     opt_d = torch.optim.Adam(params_d, lr=lr, betas=betas) if params_d else None
     order = DataOrder(num_items, batch_size, seed=seed)
     step = 0
-    state = load_latest_state(state_dir)
+    state = load_resumable_state(state_dir, resume_key)
     if state is not None:
         check_state_dict_fits(model, state["model"], f"autoencoder full-state checkpoint in {state_dir}")
         model.load_state_dict(state["model"])
@@ -72,7 +74,7 @@ def train_autoencoder_loop(
         trainable_loss = {k: v for k, v in loss_fn.state_dict().items() if not k.startswith("perceptual_loss.")}
         return {"model": model.state_dict(), "loss": trainable_loss, "opt_g": opt_g.state_dict(),
                 "opt_d": opt_d.state_dict() if opt_d is not None else None, "step": step,
-                "data_order": order.state_dict(), "rng": rng_state(generator)}
+                "data_order": order.state_dict(), "rng": rng_state(generator), RESUME_KEY: resume_key}
 
     model.train()
     loss_fn.train()

@@ -87,6 +87,32 @@ def load_latest_state(directory: Path) -> dict[str, Any] | None:
     return None
 
 
+RESUME_KEY = "resume_key"
+
+
+def load_resumable_state(directory: Path, resume_key: str | None) -> dict[str, Any] | None:
+    """The newest full state to resume from, if it was written for this training configuration.
+
+    `resume_key` hashes what decides the training trajectory (model, schedule, optimiser settings, seed, global
+    batch, the inputs' run ids). A checkpoint with another key (or none, from before keys existed) belongs to
+    another configuration: resuming it would silently hand back the old model (a changed learning rate would
+    change nothing). It is moved aside to `<directory>.stale` (replacing an older one) and training starts
+    afresh. None: no check (tests of the loop itself)."""
+    import logging
+    import shutil
+
+    state = load_latest_state(directory)
+    if state is None or resume_key is None or state.get(RESUME_KEY) == resume_key:
+        return state
+    stale = directory.with_name(directory.name + ".stale")
+    shutil.rmtree(stale, ignore_errors=True)
+    directory.rename(stale)
+    logging.getLogger("replication").warning(
+        "the checkpoints in %s were written for another configuration (resume key %s, now %s): moved to %s; "
+        "training starts from step 0", directory, str(state.get(RESUME_KEY))[:12], resume_key[:12], stale)
+    return None
+
+
 def check_state_dict_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """One error naming every missing, unexpected or mismatched tensor."""
     check_fits(module.state_dict(), state, f"{what} does not fit the configured model")

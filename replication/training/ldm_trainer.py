@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from replication.diffusion.objective import diffusion_loss, sample_timesteps
 from replication.diffusion.schedule import Schedule
-from replication.training.checkpoint import check_state_dict_fits, load_latest_state, rng_state, save_state, set_rng_state
+from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
+                                              set_rng_state)
 from replication.training.distributed import DistInfo, all_reduce_mean
 from replication.training.signals import Preempted, StopRequested, TrainingDiverged
 from replication.utils.transfer import to_device
@@ -117,6 +118,7 @@ def train_loop(
     init_extra: Optional[Callable[[], dict[str, Any]]] = None,
     on_snapshot: Optional[Callable[[int], None]] = None,
     stop_after: Optional[int] = None,
+    resume_key: Optional[str] = None,
 ) -> dict[str, Any]:
     """Train until `settings.steps` (or `stop_after` steps in this call, for tests); resume if a state exists.
 
@@ -137,7 +139,7 @@ def train_loop(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.lr_lambda)
     order = DataOrder(num_items, settings.batch_size, dist.rank, dist.world_size, seed=settings.seed)
     step, resumed_from = 0, None
-    state = load_latest_state(state_dir)
+    state = load_resumable_state(state_dir, resume_key)
     if state is not None:
         check_state_dict_fits(model, state["model"], f"full-state checkpoint in {state_dir}")
         model.load_state_dict(state["model"])
@@ -195,7 +197,7 @@ def train_loop(
             rng["generator_per_rank"] = per_rank
         return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "data_order": order.state_dict(), "rng": rng, "extra": extra_state}
+                "data_order": order.state_dict(), "rng": rng, "extra": extra_state, RESUME_KEY: resume_key}
 
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext())
     last_loss = math.nan
