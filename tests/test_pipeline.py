@@ -226,3 +226,11 @@ def test_changing_the_learning_rate_retrains_instead_of_resuming_the_old_model(s
     run_module("replication.run", [*common, "trainer.base_lr=5e-4", "trainer.steps=30"])
     summary = json.loads((run / "done.json").read_text())["result"]
     assert summary["resumed_from"] == 20 and summary["steps"] == 30
+    # and the samples follow the new model: shards made by the old one are not reused
+    shard = tmp / "runs" / "smoke" / "sample" / "samples" / "shard_000000.npy"
+    old_samples = shard.read_bytes()
+    trained = ["trainer.base_lr=5e-4", "trainer.steps=30", "trainer.ckpt_every=10", "trainer.log_every=5"]
+    run_module("replication.run", ["experiment=smoke", *paths_overrides(tmp), "stages=[sample]", *trained,
+                                   "curves.ddim_steps=[]"])
+    assert shard.read_bytes() != old_samples
+    assert (shard.parent / "key.json").is_file()

@@ -7,6 +7,7 @@ uninterrupted run whatever the batch size or number of processes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +25,8 @@ from replication.utils.rng import StackedRandomGenerator
 
 STAGE = "sample"
 SHARD_PATTERN = "shard_{:06d}.npy"
+SAMPLES_KEY = "key.json"
+log = logging.getLogger("replication")
 
 
 class Generator:
@@ -88,13 +91,23 @@ def make_generator(ctx: StageContext, weights: Optional[Path] = None, device: Op
 
 
 def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int, shard_size: int, batch_size: int,
-                     progress: bool = True, desc: str = "sample", dist: Optional[Any] = None) -> dict[str, Any]:
+                     progress: bool = True, desc: str = "sample", dist: Optional[Any] = None,
+                     key: Optional[str] = None) -> dict[str, Any]:
     """Write shard_XXXXXX.npy (uint8 NHWC) files; existing complete shards are kept, missing ones made.
-    Under torchrun, rank r makes the shards s with s % world == r (per-sample seeds make the split irrelevant)."""
+    Under torchrun, rank r makes the shards s with s % world == r (per-sample seeds make the split irrelevant).
+
+    `key` names what the images depend on (the weights' training run, the sampler settings, the step count): the
+    folder remembers it, and shards made under another key (another model, another eta...) are deleted rather
+    than kept, or a retrained model would be evaluated on its predecessor's samples. The batch size and the number
+    of samples stay out of it: per-sample seeds make shards independent of both."""
     from replication.training.distributed import DistInfo, barrier
 
     dist = dist or DistInfo()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if key is not None:
+        if dist.is_main:
+            _forget_other_samples(out_dir, key)
+        barrier(dist)
     num_shards = (num_samples + shard_size - 1) // shard_size
     h = gen.latent_shape[1] * getattr(gen.first_stage, "downsampling_factor", 1)
     check_free_space(out_dir, num_samples * h * h * 3, "samples")
@@ -125,6 +138,20 @@ def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int
         atomic_write_json(out_dir / "index.json", index)
     barrier(dist)
     return index
+
+
+def _forget_other_samples(out_dir: Path, key: str) -> None:
+    key_file = out_dir / SAMPLES_KEY
+    old = read_json(key_file).get("key") if key_file.exists() else None
+    shards = sorted(out_dir.glob("shard_*.npy"))
+    if old != key and shards:
+        log.warning("%s holds %d shard(s) made for other settings or another model (key %s, now %s): deleted, "
+                    "sampling again", out_dir, len(shards), str(old)[:12], key[:12])
+        for f in shards:
+            f.unlink()
+        (out_dir / "index.json").unlink(missing_ok=True)
+    if old != key:
+        atomic_write_json(key_file, {"key": key})
 
 
 def load_samples(out_dir: Path) -> np.ndarray:
@@ -168,6 +195,20 @@ def grid_indices(num_samples: int, num_classes: int | None, per_row: int = 8, ma
     return [i for row in rows for i in row], f"rows = classes 0..{len(rows) - 1}"
 
 
+def _samples_key(ctx: StageContext):
+    """key(steps, what) for sample_to_shards: the training run of the weights (train_ldm's run id), the sampler
+    settings but the batch size, the sampling precision, the shard size and the conditioning."""
+    from replication.config import to_container
+    from replication.utils.io import sha256_json
+
+    done = ctx.run_dir / "train_ldm" / "done.json"
+    weights_run = read_json(done).get("run_id") if done.exists() else None
+    sampler = {k: v for k, v in to_container(ctx.typed["sampler"]).items() if k not in ("batch_size", "num_samples")}
+    base = {"weights_run": weights_run, "sampler": sampler, "precision": ctx.root.sampling_speed.precision.value,
+            "shard_size": ctx.root.sample_shard_size, "conditioning": to_container(ctx.root.conditioning)}
+    return lambda steps, what: sha256_json({**base, "steps": steps, "what": what})
+
+
 def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.training.distributed import init_distributed, local_device
 
@@ -177,8 +218,10 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     ctx.record_input(ctx.run_dir / LDM_EMA)
     gen = make_generator(ctx, device=device)
     result: dict[str, Any] = {}
+    key = _samples_key(ctx)
     main = sample_to_shards(gen, ctx.run_dir / SAMPLES_DIR, sampler.num_samples, sampler.steps, root.sample_shard_size,
-                            sampler.batch_size, ctx.progress, desc=f"sample {sampler.kind} {sampler.steps} steps", dist=dist)
+                            sampler.batch_size, ctx.progress, desc=f"sample {sampler.kind} {sampler.steps} steps", dist=dist,
+                            key=key(sampler.steps, "main"))
     result["samples"] = main
     outputs = [ctx.run_dir / SAMPLES_DIR]
     ctx.stats(event="sampled", **{k: v for k, v in main.items() if v is not None})
@@ -187,7 +230,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     for steps in root.curves.ddim_steps:
         d = ctx.run_dir / CURVES_DIR / f"steps_{steps:04d}"
         info = sample_to_shards(gen, d, root.curves.num_samples, steps, root.sample_shard_size, sampler.batch_size,
-                                ctx.progress, desc=f"curve: {steps} steps", dist=dist)
+                                ctx.progress, desc=f"curve: {steps} steps", dist=dist, key=key(steps, "curve"))
         curves.append({"steps": steps, "dir": str(d), "img_per_s": info["img_per_s"]})
         outputs.append(d)
     # Fig. 6: FID against training steps, from EMA snapshots written during training
@@ -199,7 +242,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         gen.load_weights(snap)  # the main samples and Fig. 7 curves are done: reuse the (compiled) generator
         d = ctx.run_dir / "sample" / "snapshots" / f"step_{step:09d}"
         sample_to_shards(gen, d, n_eval, sampler.steps, root.sample_shard_size, sampler.batch_size, ctx.progress,
-                         desc=f"snapshot step {step}", dist=dist)
+                         desc=f"snapshot step {step}", dist=dist, key=key(sampler.steps, snap.name))
         snapshots.append({"train_step": step, "dir": str(d)})
         outputs.append(d)
     result["curves"], result["snapshots"] = curves, snapshots
