@@ -253,3 +253,27 @@ def test_vgg16_extractor_from_local_file(tmp_path):
     assert set(feats) == {POOL} and feats[POOL].shape == (3, 4096) and (feats[POOL] >= 0).all()
     split = extract_batched(extractor, images, batch_size=2)
     torch.testing.assert_close(split[POOL], feats[POOL], rtol=1e-4, atol=1e-5)
+
+
+def test_cached_reference_of_another_size_is_recomputed_not_reused(tmp_path, standin):
+    """A quick run on dataset.max_images caches statistics under the same key as the full run: the image count
+    and the precision/recall subset size tell them apart, so the full run does not get the quick run's numbers."""
+    calls = []
+
+    def batches(n):
+        def make():
+            calls.append(n)
+            return iter([_images(n, 3)])
+        return make
+
+    small = load_or_compute_reference(tmp_path, "ffhq", "train", "h1", standin, batches(4), pr_count=3,
+                                      expected_images=4)
+    again = load_or_compute_reference(tmp_path, "ffhq", "train", "h1", standin, batches(4), pr_count=3,
+                                      expected_images=4)
+    assert calls == [4] and again.num_images == small.num_images == 4  # same set: reused
+    full = load_or_compute_reference(tmp_path, "ffhq", "train", "h1", standin, batches(6), pr_count=3,
+                                     expected_images=6)
+    assert calls == [4, 6] and full.num_images == 6
+    more_pr = load_or_compute_reference(tmp_path, "ffhq", "train", "h1", standin, batches(6), pr_count=5,
+                                        expected_images=6)
+    assert calls == [4, 6, 6] and len(more_pr.pr_features) == 5

@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -210,13 +210,26 @@ def load_or_compute_reference(
     pr_count: int = 10_000,
     seed: int = 0,
     progress: bool = False,
+    expected_images: Optional[int] = None,
 ) -> ReferenceStats:
-    """Cached reference statistics; `image_batches_fn()` yields uint8 NCHW batches and is only called on a miss."""
+    """Cached reference statistics; `image_batches_fn()` yields uint8 NCHW batches and is only called on a miss.
+
+    `expected_images`: how many images the reference set holds now. Cached statistics of another number of images
+    (a quick run with dataset.max_images, say) or with another precision/recall subset size are recomputed, not
+    returned: the cache key (dataset, split, preprocessing, extractor) does not tell them apart."""
     path = reference_cache_path(cache_dir, dataset, split, preprocessing_hash, extractor.name)
     if path.is_file():
         stats = ReferenceStats.load(path)
         check_compatible(stats, preprocessing_hash, extractor.name, dataset, split)
-        return stats
+        if expected_images is None or (stats.num_images == expected_images
+                                        and len(stats.pr_features) == min(pr_count, expected_images)):
+            return stats
+        import logging
+
+        logging.getLogger("replication").warning(
+            "cached reference statistics %s cover %d images (%d for precision/recall); the reference set now has %d "
+            "(%d wanted): recomputing", path, stats.num_images, len(stats.pr_features), expected_images,
+            min(pr_count, expected_images))
     stats = compute_reference_stats(image_batches_fn(), extractor, dataset, split, preprocessing_hash,
                                     pr_count, seed, progress)
     stats.save(path)

@@ -59,7 +59,8 @@ def reference_stats(ctx: StageContext, extractor):
     cache_dir = Path(m.reference_cache_dir)
     stats = load_or_compute_reference(cache_dir, dataset.name, "+".join(splits), spec_hash, extractor,
                                       lambda: _reference_batches(images_list, m.batch_size),
-                                      pr_count=m.pr_reference_images, seed=m.seed, progress=ctx.progress)
+                                      pr_count=m.pr_reference_images, seed=m.seed, progress=ctx.progress,
+                                      expected_images=sum(len(x) for x in images_list))
     return stats, spec_hash
 
 
