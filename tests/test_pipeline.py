@@ -223,6 +223,7 @@ def test_changing_the_learning_rate_retrains_instead_of_resuming_the_old_model(s
     records = [r for r in read_jsonl(run / "stats.jsonl") if r.get("event") == "train"]
     assert [r["step"] for r in records[-5:]] == [1, 5, 10, 15, 20]  # logged from step 1 again: trained afresh
     assert (run / "state.stale").is_dir() and (run / "ema.safetensors").read_bytes() != old_weights
+    assert not list((run / "snapshots").glob("*.safetensors"))  # the old run's Fig. 6 snapshots are gone
     run_module("replication.run", [*common, "trainer.base_lr=5e-4", "trainer.steps=30"])
     summary = json.loads((run / "done.json").read_text())["result"]
     assert summary["resumed_from"] == 20 and summary["steps"] == 30

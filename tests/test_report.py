@@ -402,3 +402,21 @@ def test_experiment_key_must_match_run_folder(tmp_path):
     _write(tmp_path / "runs", "other_name", S.METRICS_FILE, comparable_run())
     with pytest.raises(S.SchemaError, match="key 'experiment' is 'churches_full' but the run folder is 'other_name'"):
         build_report(tmp_path / "runs", tmp_path / "rep", PAPER_DIR)
+
+
+def test_loss_curve_follows_the_training_that_made_the_weights():
+    """Append-only stats: an earlier training of another configuration is dropped at the last fresh start, and
+    steps replayed after a resume keep their latest record."""
+    from replication.stages.evaluate import train_loss_curve
+
+    old = [{"event": "train_begin", "step": 0, "resumed_from": None}] + [
+        {"event": "train", "step": s, "loss": 9.0} for s in (1, 100, 200, 300)]
+    fresh = [{"event": "train_begin", "step": 0, "resumed_from": None},
+             {"event": "train", "step": 1, "loss": 1.0}, {"event": "train", "step": 5, "loss": 0.5},
+             {"event": "train", "step": 10, "loss": 0.4},  # killed after this record, checkpoint at step 5
+             {"event": "train_begin", "step": 5, "resumed_from": 5},
+             {"event": "train", "step": 10, "loss": 0.45}, {"event": "train", "step": 15, "loss": 0.3}]
+    assert train_loss_curve(old + fresh) == [{"step": 1, "loss": 1.0}, {"step": 5, "loss": 0.5},
+                                             {"step": 10, "loss": 0.45}, {"step": 15, "loss": 0.3}]
+    legacy = [{"event": "train", "step": s, "loss": float(s)} for s in (1, 2)]  # stats from before the markers
+    assert train_loss_curve(legacy) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]

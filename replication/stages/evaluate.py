@@ -138,7 +138,7 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
     if stats_file.exists():
         from replication.utils.io import read_jsonl
 
-        curves["train_loss"] = [{"step": r["step"], "loss": r["loss"]} for r in read_jsonl(stats_file) if r.get("event") == "train"]
+        curves["train_loss"] = train_loss_curve(read_jsonl(stats_file))
     protocol = {**res["protocol"], "sampler": str(sampler.kind), "steps": sampler.steps,
                 "steps_run": _steps_run(ctx, sampler.steps), "eta": sampler.eta, "ddim_spacing": sampler.spacing,
                 "guidance_scale": sampler.guidance_scale if ctx.root.conditioning.kind.value != "none" else None,
@@ -155,6 +155,18 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
                "paper_protocol": _paper_protocol(ctx), "curves": curves,
                "throughput": {"sampling_img_per_s": index.get("img_per_s"), "device": str(ctx.device)}}
     return metrics
+
+
+def train_loss_curve(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The loss curve of the training that produced the current weights, from the append-only stats: records after
+    the last fresh start (an earlier training of another configuration is dropped), one per step (a step replayed
+    after a resume keeps its latest record)."""
+    begins = [i for i, r in enumerate(records) if r.get("event") == "train_begin" and r.get("resumed_from") is None]
+    by_step: dict[int, float] = {}
+    for r in records[begins[-1] if begins else 0:]:
+        if r.get("event") == "train":
+            by_step[int(r["step"])] = r["loss"]
+    return [{"step": s, "loss": by_step[s]} for s in sorted(by_step)]
 
 
 def _training_batch(ldm_meta: dict[str, Any]) -> dict[str, Any]:

@@ -160,6 +160,12 @@ def _body(ctx: StageContext) -> dict[str, Any]:
                                                noise=to_device(noise, device, trainer.pin_memory))
 
     def init_extra() -> dict[str, Any]:
+        """Called on a fresh start only (no checkpoint to resume): also drops the Fig. 6 snapshots an earlier
+        training of another configuration left, which would otherwise join this run's curve."""
+        if dist.is_main and (ctx.run_dir / LDM_SNAPSHOTS).exists():
+            import shutil
+
+            shutil.rmtree(ctx.run_dir / LDM_SNAPSHOTS)
         if not diffusion.scale_by_std:
             return {"scale_factor": float(diffusion.scale_factor)}
         from replication.diffusion.objective import scale_by_std_factor

@@ -170,6 +170,8 @@ def train_loop(
 
     elif init_extra is not None:
         extra_state.update(init_extra())
+    if dist.is_main:  # marks where this training began, for readers of the append-only stats (loss curves)
+        stats(event="train_begin", step=step, resumed_from=resumed_from)
 
     forward_model = model
     ddp = None
