@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -30,3 +31,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Any connection attempt (a weight download, say) fails the test; torch hub's cache points at an empty folder
+    that must stay empty. Modules that must stay offline use it with pytest.mark.usefixtures("no_network")."""
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    hub = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(hub))
+    yield
+    assert not hub.exists() or not any(hub.rglob("*")), "something was written to the torch hub cache"

@@ -2,7 +2,6 @@
 flow to every trainable parameter, discriminator layout, and LPIPS construction without any download."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -37,22 +36,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch, tmp_path):
-    """Any connection attempt fails; torch hub's cache points at an empty folder that must stay empty."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    hub = tmp_path / "torch_home"
-    monkeypatch.setenv("TORCH_HOME", str(hub))
-    yield
-    assert not hub.exists() or not any(hub.rglob("*")), "something was written to the torch hub cache"
-
+pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def standin_lpips():

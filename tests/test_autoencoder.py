@@ -3,7 +3,6 @@ against closed forms, configs (every experiments/autoencoder/*.yaml validates; u
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -46,18 +45,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a connection (e.g. a weight download) fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-
+pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py
 
 def tiny_ddconfig(f: int, double_z: bool, attn_type: str = "vanilla") -> dict:
     levels = int(math.log2(f)) + 1

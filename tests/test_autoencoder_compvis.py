@@ -3,7 +3,6 @@ strict=True. References: tests/reference/compvis_modules/{ae,cfg,ldm}-*.json (na
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -34,14 +33,7 @@ LDM_REFERENCES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
+pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py
 
 def reference_shapes(name: str, prefix: str) -> dict[str, tuple[int, ...]]:
     data = json.loads((REF / f"{name}.json").read_text())

@@ -5,7 +5,6 @@ processes on the CPU."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """Metric arithmetic against closed forms, hand-checkable cases and torch-fidelity's own functions."""
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -15,13 +14,7 @@ from replication.metrics.kid import kernel_inception_distance, mmd2_unbiased
 from replication.metrics.precision_recall import precision_recall
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a metrics test tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
+pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py
 
 def _closed_form_fid(mu1, a, mu2, b):
     """Commuting covariances Q diag(a) Q^T, Q diag(b) Q^T: Tr((S1 S2)^1/2) = sum sqrt(a_i b_i)."""

@@ -1,7 +1,6 @@
 """Extractors (stand-in, weights handling), reference statistics, streaming/PNG equality, evaluate_samples."""
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -22,13 +21,7 @@ from replication.metrics.streaming import FeatureAccumulator, from_png_dir, iter
 from replication.utils.io import ArtifactError
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a metrics test tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
+pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def standin():

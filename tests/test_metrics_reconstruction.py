@@ -1,7 +1,6 @@
 """PSNR, SSIM and LPIPS against independent computations; LPIPS from a local VGG16 file, offline."""
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -15,13 +14,7 @@ from replication.metrics.fid import feature_statistics, frechet_distance
 from replication.metrics.reconstruction import ReconstructionAccumulator, build_lpips, psnr, ssim, summarize
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a metrics test tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
+pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py
 
 def _pair(n=3, size=24, seed=0, noise=20):
     g = torch.Generator().manual_seed(seed)

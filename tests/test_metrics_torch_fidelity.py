@@ -7,7 +7,6 @@ equals writing PNGs and reading them back, and (batches of 2 and 1 vs torch-fide
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -26,13 +25,7 @@ from replication.metrics.streaming import FeatureAccumulator
 FID_RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a metrics test tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
+pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
