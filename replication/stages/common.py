@@ -136,14 +136,18 @@ def resume_key(stage: str, cfg: DictConfig, trajectory: dict[str, Any]) -> str:
     return sha256_json({"stage": stage, "trajectory": trajectory, **_upstream_run_ids(stage, cfg)})
 
 
-def is_up_to_date(stage: str, cfg: DictConfig) -> bool:
-    done = run_dir_for(cfg) / stage / DONE_FILE
+def _done_for(done: Path, stage: str, cfg: DictConfig) -> bool:
+    """`done` records a finished run of `stage` with the fingerprint `cfg` gives now, and its outputs exist."""
     if not done.exists():
         return False
     record = read_json(done)
     if record.get("fingerprint") != fingerprint(stage, cfg):
         return False
     return all(Path(p).exists() for p in record.get("outputs", []))
+
+
+def is_up_to_date(stage: str, cfg: DictConfig) -> bool:
+    return _done_for(run_dir_for(cfg) / stage / DONE_FILE, stage, cfg)
 
 
 def _git_commit() -> str | None:
@@ -208,10 +212,7 @@ def link_reusable(stage: str, cfg: DictConfig, root: Any) -> bool:
     if stage_dir.exists() or stage_dir.is_symlink():
         return False
     base = Path(cfg.runs_root) / root.reuse_from / stage
-    if not (base / DONE_FILE).exists():
-        return False
-    record = read_json(base / DONE_FILE)
-    if record.get("fingerprint") != fingerprint(stage, cfg) or not all(Path(p).exists() for p in record.get("outputs", [])):
+    if not _done_for(base / DONE_FILE, stage, cfg):
         return False
     run_dir.mkdir(parents=True, exist_ok=True)
     stage_dir.symlink_to(os.path.relpath(base.resolve(), run_dir.resolve()), target_is_directory=True)
