@@ -25,9 +25,16 @@
 # adds overrides (the CPU rehearsal switches compile off).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+script_start=$(date +%s)
+# COPY_TO (the device call's $OUT) receives the whole log and every result as soon as it exists, so that a call cut at
+# its limit still brings back what was measured (at most 8 files come back from $OUT: log, merged json/md, 4 extras)
+if [ -n "${COPY_TO:-}" ]; then
+  mkdir -p "$COPY_TO"
+  exec > >(tee -a "$COPY_TO/gpu_check.log") 2>&1
+fi
 
 OUT_DIR=${OUT_DIR:-reports/benchmarks}
-PER_EXPERIMENT_S=${PER_EXPERIMENT_S:-200}
+PER_EXPERIMENT_S=${PER_EXPERIMENT_S:-205}
 DEVICE=${DEVICE:-cuda}
 EXPERIMENTS=${EXPERIMENTS:-"lsun_churches_ldm8:96 celebahq_ldm4:48"}
 PY=${PYTHON:-python3}  # the device machines have python3 (the one with PyTorch), maybe no `python`
@@ -76,6 +83,8 @@ run_one() {
   local rc=$?
   [ $rc -eq 124 ] && echo "   $name: cut at ${PER_EXPERIMENT_S}s; keeping the rows measured so far"
   [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "   $name: exit status $rc"
+  # the unmerged rows, until the merged files replace them
+  [ -n "${COPY_TO:-}" ] && [ -f "$TMP/$name.json" ] && cp "$TMP/$name.json" "$COPY_TO/partial-$name.json"
   echo "   elapsed so far: $(( $(date +%s) - start ))s"
 }
 
@@ -102,19 +111,30 @@ fi
 mkdir -p "$OUT_DIR"
 "$PY" -m replication.bench --merge "${files[@]}" --out "$OUT_DIR" ${MERGE_TAG:+--tag "$MERGE_TAG"} || exit 1
 tag=${MERGE_TAG:-$(ls -t "$OUT_DIR"/*.json | head -1 | xargs -n1 basename | sed 's/\.json$//')}
+if [ -n "${COPY_TO:-}" ]; then
+  cp "$OUT_DIR/$tag.json" "$OUT_DIR/$tag.md" "$COPY_TO"/ && rm -f "$COPY_TO"/partial-*.json
+fi
 EXTRAS=${EXTRAS:-$([ "$DEVICE" = cuda ] && echo 1 || echo 0)}
 EXTRAS_BUDGET_S=${EXTRAS_BUDGET_S:-560}
+# the extras end by EXTRAS_BUDGET_S after the benchmark's start and by DEADLINE_S after the script's start
+# (the wheel install and the CUDA probe come before the benchmark's start)
+DEADLINE_S=${DEADLINE_S:-575}
+budget_left() {
+  local a=$(( EXTRAS_BUDGET_S - ($(date +%s) - start) )) b=$(( DEADLINE_S - ($(date +%s) - script_start) ))
+  echo $(( a < b ? a : b ))
+}
 if [ "$EXTRAS" = 1 ]; then
   extras="$OUT_DIR/$tag-extras"
   mkdir -p "$extras"
-  left=$(( EXTRAS_BUDGET_S - ($(date +%s) - start) ))
+  left=$(budget_left)
   if [ "$left" -gt 20 ]; then
     echo "== CUDA-only tests (limit $(( left < 90 ? left : 90 ))s)"
     timeout --kill-after=10 $(( left < 90 ? left : 90 )) "$PY" -m pytest -q -p no:cacheprovider -k cuda \
       tests/test_schedule.py tests/test_accumulation.py > "$extras/cuda-tests.log" 2>&1
     echo "   exit status $? (log: $extras/cuda-tests.log)"; tail -3 "$extras/cuda-tests.log"
+    [ -n "${COPY_TO:-}" ] && cp -r "$extras" "$COPY_TO"/
   fi
-  left=$(( EXTRAS_BUDGET_S - ($(date +%s) - start) ))
+  left=$(budget_left)
   if [ "$left" -gt 45 ]; then
     echo "== smoke experiment through the real stages, trainer=default (limit ${left}s)"
     read -r -a SMOKE_EXTRA <<< "${SMOKE_OVERRIDES:-}"
@@ -129,11 +149,9 @@ if [ "$EXTRAS" = 1 ]; then
     grep -E "stage .* done in|Error" "$extras/smoke-default-trainer.log" | tail -9
     cp "$TMP/runs/smoke/train_ldm/stats.jsonl" "$extras/train_ldm-stats.jsonl" 2>/dev/null || true
     cp "$TMP/runs/smoke/metrics.json" "$extras/smoke-metrics.json" 2>/dev/null || true
+    [ -n "${COPY_TO:-}" ] && cp -r "$extras" "$COPY_TO"/
   else
     echo "== smoke experiment skipped: ${left}s left of EXTRAS_BUDGET_S"
   fi
-fi
-if [ -n "${COPY_TO:-}" ]; then
-  cp -r "$OUT_DIR"/*.json "$OUT_DIR"/*.md "$OUT_DIR"/*-extras "$COPY_TO"/ 2>/dev/null || true
 fi
 echo "gpu_check: done in $(( $(date +%s) - start ))s; results in $OUT_DIR"

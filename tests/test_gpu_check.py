@@ -56,6 +56,9 @@ def test_rehearsal_on_the_cpu_writes_the_merged_table(tmp_path):
     table = (out / "rehearsal.md").read_text()
     assert "| train |" in table and table.strip() in proc.stdout  # the script ends by printing the table
     assert (copy / "rehearsal.json").read_bytes() == (out / "rehearsal.json").read_bytes()
+    # the copy-out is made as results appear: the whole log, and no unmerged partial file once merged
+    assert "gpu_check: done" in (copy / "gpu_check.log").read_text()
+    assert not list(copy.glob("partial-*.json"))
     # the extras: the CUDA-only tests (skipped on this CPU, not failed) and the smoke chain through the real stages
     extras = out / "rehearsal-extras"
     assert "2 skipped" in (extras / "cuda-tests.log").read_text()
