@@ -223,10 +223,15 @@ def test_missing_and_inconsistent_values_are_errors():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the device path of extract() needs CUDA")
 def test_extract_on_cuda_gathers_on_the_device_without_a_sync_and_equals_the_cpu_path():
+    """The first call copies the table to the device (a pageable host-to-device copy, which synchronizes: once
+    per table and device); every later call gathers on the device without a sync (seen failing on an H200 when
+    the first call was inside the sync check)."""
     sched = Schedule.make("linear", T, B0, B1)
     t = torch.tensor([0, 999, 500, 17])
     cpu = extract(sched.sqrt_alphas_cumprod, t, (4, 3, 8, 8))
     t_dev = t.cuda()
+    extract(sched.sqrt_alphas_cumprod, t_dev.flip(0), (4, 3, 8, 8))  # the one-time table copy
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host-device sync inside raises
     try:
         dev = extract(sched.sqrt_alphas_cumprod, t_dev, (4, 3, 8, 8))
