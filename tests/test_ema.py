@@ -50,9 +50,33 @@ def test_three_updates_match_hand_computation(decay, warmup):
 def test_warmup_decay_values():
     ema = EMA(_model())
     # first update uses (1+1)/(10+1); the 0.9999 cap is reached only after ~90k updates
-    assert float(ema.current_decay()) == pytest.approx(2 / 11, abs=1e-7)
-    ema.num_updates.fill_(10**6)
-    assert float(ema.current_decay()) == pytest.approx(0.9999, abs=1e-7)
+    assert ema.current_decay() == pytest.approx(2 / 11, abs=1e-7)
+    state = ema.state_dict()
+    state["num_updates"] = torch.tensor(10**6, dtype=torch.int32)
+    ema.load_state_dict(state)  # the count the update reads follows a loaded state
+    assert ema.current_decay() == pytest.approx(0.9999, abs=1e-7)
+    # bit for bit the float32 tensor arithmetic of LitEma: min(decay, (1 + n) / (10 + n)) with n a float32 tensor
+    for n in (0, 1, 7, 12345, 89990, 10**6):
+        state["num_updates"] = torch.tensor(n, dtype=torch.int32)
+        ema.load_state_dict(state)
+        t = torch.tensor(n, dtype=torch.int32).float() + 1
+        assert ema.current_decay() == float(torch.minimum(torch.tensor(0.9999), (1 + t) / (10 + t)))
+
+
+def test_update_reads_nothing_back_from_the_device():
+    """The EMA step of the training loop makes no host-device sync: on the meta device (no data), any read of a
+    buffer's value (.item(), int(), float()) raises, so a clean update proves the count and decay come from
+    the host. The buffer still counts, for checkpoints."""
+    model = _model().to("meta")
+    ema = EMA(model).to("meta")
+    ema.update(model)
+    ema.update(model)
+    assert ema.num_updates.device.type == "meta" and ema._host_updates == 2
+    assert ema.current_decay() == pytest.approx(4 / 13, abs=1e-7)  # the third update: n = 3
+    cpu = EMA(_model())
+    cpu.update(_model())
+    cpu.update(_model())
+    assert int(cpu.num_updates) == 2  # the buffer follows the host count
 
 
 def test_state_dict_uses_original_dotless_names():

@@ -14,8 +14,9 @@ after incrementing (warm-up), or d = decay when use_num_updates=False. Defaults:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,6 +46,11 @@ class EMA(nn.Module):
         self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
         # -1 switches the warm-up off, as LitEma(use_num_upates=False).
         self.register_buffer("num_updates", torch.tensor(0 if use_num_updates else -1, dtype=torch.int32))
+        # Host copies of the two buffers: update() reads these, never the (device) buffers, so an EMA step on a GPU
+        # makes no host-device sync (reading the buffers cost three syncs per training step). The buffers are
+        # written from them (asynchronously) for checkpoints; load_state_dict() sets both.
+        self._host_decay = np.float32(decay)
+        self._host_updates = 0 if use_num_updates else -1
         self.param_to_shadow: dict[str, str] = {}
         for name, p in self._tracked(model):
             s_name = shadow_name(name)
@@ -69,20 +75,31 @@ class EMA(nn.Module):
         names = list(self.param_to_shadow)
         return [getattr(self, self.param_to_shadow[n]) for n in names], [params[n] for n in names]
 
-    def current_decay(self) -> torch.Tensor:
-        """Decay the next update will use (after its increment of num_updates)."""
-        if int(self.num_updates) < 0:
-            return self.decay
-        n = self.num_updates.float() + 1
-        return torch.minimum(self.decay, (WARMUP_OFFSET_NUM + n) / (WARMUP_OFFSET_DEN + n))
+    def current_decay(self) -> float:
+        """Decay the next update will use (after its increment of num_updates), in float32 arithmetic as LitEma's
+        tensors compute it; read from the host copies (no device access)."""
+        if self._host_updates < 0:
+            return float(self._host_decay)
+        n = np.float32(self._host_updates) + np.float32(1)
+        ratio = (np.float32(WARMUP_OFFSET_NUM) + n) / (np.float32(WARMUP_OFFSET_DEN) + n)
+        return float(min(self._host_decay, np.float32(ratio)))
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # the host copies follow the loaded values (read from the incoming tensors, usually on the CPU)
+        if prefix + "num_updates" in state_dict:
+            self._host_updates = int(state_dict[prefix + "num_updates"])
+        if prefix + "decay" in state_dict:
+            self._host_decay = np.float32(float(state_dict[prefix + "decay"]))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        if int(self.num_updates) >= 0:
-            self.num_updates += 1
+        if self._host_updates >= 0:
+            self._host_updates += 1
+            self.num_updates.fill_(self._host_updates)  # a fill kernel with the value as argument: no sync
         shadows, params = self._pairs(model)
-        weight = float(1.0 - decay)
+        weight = float(np.float32(1.0) - np.float32(decay))
         src = [p.detach().to(device=s.device, dtype=s.dtype) for s, p in zip(shadows, params)]
         torch._foreach_lerp_(shadows, src, weight)  # s + w (p - s) = s - (1 - d)(s - p)
 
