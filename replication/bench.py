@@ -689,8 +689,57 @@ def _section(rep: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def target_summary(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 7's four target rows against the fastest fast path measured for each across `reports` (GPU runs only),
+    with the eager fp32 baseline of that same run (speed-ups are never taken across runs). A target row that no
+    run measured is listed as not measured."""
+    summary = []
+    for (experiment, name), target in TARGETS.items():
+        best: Optional[tuple[dict[str, Any], dict[str, Any]]] = None
+        for rep in reports:
+            if rep["experiment"] != experiment or rep["device"].get("type") != "cuda":
+                continue
+            for row in rep["rows"]:
+                rate = row["fast"].get("img_per_s")
+                if row["row"] == name and rate and (best is None or rate > best[1]["fast"]["img_per_s"]):
+                    best = (rep, row)
+        entry: dict[str, Any] = {"experiment": experiment, "row": name, "target": dataclasses.asdict(target),
+                                 "measured": best is not None}
+        if best is not None:
+            rep, row = best
+            entry.update(device=rep["device"]["name"], run_created=rep["created"], batch=row["batch"],
+                         levers=row["fast"].get("levers"), fast_img_per_s=row["fast"]["img_per_s"],
+                         eager_img_per_s=row["baseline"].get("img_per_s"), speedup=row["speedup"],
+                         mfu=row["fast"].get("mfu"), peak_mem_gib=row["fast"].get("peak_mem_gib"),
+                         verdict=row.get("verdict"))
+        summary.append(entry)
+    return summary
+
+
+def _summary_lines(summary: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [f"## Issue 7's targets (one {TARGET_CARD}, paper shapes): the fastest measured fast path per row", "",
+             "| experiment | row | original code | target | eager fp32 img/s | fast img/s | speed-up (same run) | MFU "
+             "| peak GiB | fast levers | run | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in summary:
+        t = e["target"]
+        original = f"{_fmt(t['original_img_per_s'])} img/s" + (
+            f", {_fmt(t['original_mem_gib'])} GiB" if t.get("original_mem_gib") else "")
+        goal = f">= {_fmt(t['min_img_per_s'])} img/s" + (f", <= {_fmt(t['max_mem_gib'])} GiB"
+                                                         if t.get("max_mem_gib") else "")
+        if e["measured"]:
+            cells = [_fmt(e["eager_img_per_s"]), _fmt(e["fast_img_per_s"]), _fmt(e["speedup"], 2),
+                     f"{_fmt((e['mfu'] or 0) * 100)}%", _fmt(e["peak_mem_gib"], 2), "+".join(e["levers"] or []),
+                     e["run_created"], e["verdict"] or "-"]
+        else:
+            cells = ["-", "-", "-", "-", "-", "-", "-", "not measured"]
+        lines.append("| " + " | ".join([e["experiment"], e["row"], original, goal, *map(str, cells)]) + " |")
+    return lines + [""]
+
+
 def render_markdown(reports: Sequence[dict[str, Any]]) -> str:
     lines = ["# Throughput benchmark (issue 7)", "", INTRO, ""]
+    if len(reports) > 1 and any(rep["device"].get("type") == "cuda" for rep in reports):
+        lines += _summary_lines(target_summary(reports))
     for rep in reports:
         lines += _section(rep)
     return "\n".join(lines)
@@ -703,13 +752,17 @@ def merge_reports(paths: Sequence[Path], out_dir: Path, tag: Optional[str] = Non
         path = Path(path)
         if not path.exists():
             raise BenchError(f"benchmark result {path} does not exist (did that run fail or time out?)")
-        reports.append(read_json(path))
+        data = read_json(path)
+        # a merged file (of an earlier --merge) contributes its reports
+        reports.extend(data["reports"] if "reports" in data else [data])
     if not reports:
         raise BenchError("--merge needs at least one result JSON")
     if tag is None:
         first = reports[0]["device"]
         tag = slug(first["name"]) if first["type"] == "cuda" else "cpu"
     merged = {"schema": SCHEMA_VERSION, "device": reports[0]["device"], "reports": reports}
+    if any(rep["device"].get("type") == "cuda" for rep in reports):
+        merged["targets"] = target_summary(reports)
     atomic_write_json(Path(out_dir) / f"{tag}.json", merged)
     text = render_markdown(reports)
     atomic_write_text(Path(out_dir) / f"{tag}.md", text)

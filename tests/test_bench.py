@@ -98,6 +98,50 @@ def test_merge_writes_one_table_for_several_runs(smoke_run, tmp_path):
         merge_reports([tmp_path / "missing.json"], tmp_path)
 
 
+def _as_gpu_report(report: dict, experiment: str, created: str, rates: dict) -> dict:
+    """A copy of a measured CPU report relabelled as an H200 run of `experiment`, its rows' fast rates replaced
+    by `rates` (row -> img/s; rows not named are dropped): input for the cross-run target summary."""
+    rep = json.loads(json.dumps(report))
+    rep.update(experiment=experiment, created=created, device=dict(rep["device"], type="cuda", name="NVIDIA H200"))
+    rows = []
+    for row in rep["rows"]:
+        if row["row"] in rates:
+            row["fast"]["img_per_s"] = rates[row["row"]]
+            row["speedup"] = rates[row["row"]] / row["baseline"]["img_per_s"]
+            row["verdict"] = verdict(experiment, row["row"], row["fast"], row["speedup"], "NVIDIA H200")
+            rows.append(row)
+    rep["rows"] = rows
+    return rep
+
+
+def test_target_summary_takes_the_fastest_run_per_target_row_and_merges_merged_files(smoke_run, tmp_path):
+    from replication.bench import target_summary
+
+    cpu = json.loads((smoke_run / "smoke.json").read_text())
+    slow = _as_gpu_report(cpu, "lsun_churches_ldm8", "run-a", {"train": 900.0, "sample": 20.0})
+    fast = _as_gpu_report(cpu, "lsun_churches_ldm8", "run-b", {"train": 1400.0})
+    celeba = _as_gpu_report(cpu, "celebahq_ldm4", "run-c", {"train": 450.0})
+    for name, rep in (("a", slow), ("b", fast), ("c", celeba)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+    merge_reports([tmp_path / "a.json", tmp_path / "b.json"], tmp_path, tag="ab")
+    # a merged file merges again: its reports are taken one by one
+    merged = merge_reports([tmp_path / "ab.json", tmp_path / "c.json"], tmp_path, tag="all")
+    assert [r["created"] for r in merged["reports"]] == ["run-a", "run-b", "run-c"]
+    by_key = {(e["experiment"], e["row"]): e for e in merged["targets"]}
+    assert set(by_key) == set(TARGETS)
+    churches_train = by_key[("lsun_churches_ldm8", "train")]
+    assert churches_train["fast_img_per_s"] == 1400.0 and churches_train["run_created"] == "run-b"
+    assert ">= 1300 img/s: met" in churches_train["verdict"]
+    assert by_key[("lsun_churches_ldm8", "sample")]["run_created"] == "run-a"
+    assert ">= 30 img/s: missed" in by_key[("lsun_churches_ldm8", "sample")]["verdict"]
+    assert by_key[("celebahq_ldm4", "sample")]["measured"] is False
+    text = (tmp_path / "all.md").read_text()
+    assert "Issue 7's targets" in text and "not measured" in text and "| 1,400.0 |" in text
+    # CPU runs have no targets: no summary for them
+    assert "targets" not in merge_reports([smoke_run / "smoke.json", tmp_path / "c.json"][:1], tmp_path, tag="cpu")
+    assert target_summary([cpu]) and not any(e["measured"] for e in target_summary([cpu]))
+
+
 def test_flop_counter_equals_hand_count():
     b, c_in, c_out, hw, k, n_out = 2, 3, 8, 6, 3, 10
     net_fn = lambda: nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=1), nn.ReLU(), nn.Flatten(),  # noqa: E731
