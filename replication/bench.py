@@ -502,6 +502,9 @@ class _Run:
     unet: Optional[nn.Module]
     first_stage: Optional[nn.Module]
     counted: dict[str, float]
+    # called with (row name, what, batch, GFLOP/img, baseline result) once a row's baseline is measured, so that a
+    # run cut while the fast path compiles still keeps that row's baseline
+    on_baseline: Callable[..., None] = lambda *args: None
 
     @property
     def experiment(self) -> str:
@@ -515,6 +518,7 @@ def _compare(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[f
 def _row_train(r: _Run) -> dict[str, Any]:
     gflop = r.counted["train"] = unet_flops(r.typed, train=True) / 1e9
     base, loss_b = measure_train(r.typed, r.unet, FastPath(), r.s, gflop, r.peak)
+    r.on_baseline("train", "forward+backward+AdamW+EMA per latent", r.s.batch, gflop, base)
     fast, loss_f = measure_train(r.typed, r.unet, r.s.fast, r.s, gflop, r.peak)
     return _row("train", "forward+backward+AdamW+EMA per latent", r.s.batch, gflop, base, fast, r.experiment,
                 r.device_info, _compare(loss_f, loss_b))
@@ -523,8 +527,10 @@ def _row_train(r: _Run) -> dict[str, Any]:
 def _row_sample(r: _Run) -> dict[str, Any]:
     gflop_step = r.counted["unet_forward"]
     base, x_b = measure_sample(r.typed, r.unet, FastPath(), r.s, gflop_step, r.peak)
-    fast, x_f = measure_sample(r.typed, r.unet, r.s.fast, r.s, gflop_step, r.peak)
     quoted = base.get("steps_quoted", SAMPLE_QUOTE_STEPS)
+    r.on_baseline("sample", f"{r.typed['sampler'].kind} at {quoted} steps per image", r.s.sample_batch,
+                  gflop_step * quoted, base)
+    fast, x_f = measure_sample(r.typed, r.unet, r.s.fast, r.s, gflop_step, r.peak)
     return _row("sample", f"{r.typed['sampler'].kind} at {quoted} steps per image", r.s.sample_batch,
                 gflop_step * quoted, base, fast, r.experiment, r.device_info, _compare(x_f, x_b),
                 steps_run=base.get("steps_run"))
@@ -535,8 +541,9 @@ def _row_first_stage(r: _Run, what: str) -> Optional[dict[str, Any]]:
         return None  # pixel-space LDM: no first stage to time
     gflop = r.counted[what] = first_stage_flops(r.typed, what) / 1e9
     base, y_b = measure_first_stage(r.typed, r.first_stage, FastPath(), r.s, what, gflop, r.peak)
-    fast, y_f = measure_first_stage(r.typed, r.first_stage, r.s.fast, r.s, what, gflop, r.peak)
     res = r.typed["autoencoder"].ddconfig.resolution
+    r.on_baseline(what, f"first stage {what} at {res}px", r.s.ae_batch, gflop, base)
+    fast, y_f = measure_first_stage(r.typed, r.first_stage, r.s.fast, r.s, what, gflop, r.peak)
     return _row(what, f"first stage {what} at {res}px", r.s.ae_batch, gflop, base, fast, r.experiment, r.device_info,
                 _compare(y_f, y_b))
 
@@ -544,6 +551,7 @@ def _row_first_stage(r: _Run, what: str) -> Optional[dict[str, Any]]:
 def _row_features(r: _Run) -> dict[str, Any]:
     gflop = r.counted["features"] = feature_flops(r.typed) / 1e9
     base, f_b, label = measure_features(r.typed, FastPath(), r.s, gflop, r.peak)
+    r.on_baseline("features", f"FID features: {label}", r.s.feature_batch, gflop, base)
     fast, f_f, _ = measure_features(r.typed, r.s.fast, r.s, gflop, r.peak)
     return _row("features", f"FID features: {label}", r.s.feature_batch, gflop, base, fast, r.experiment,
                 r.device_info, _compare(f_f, f_b))
@@ -584,10 +592,14 @@ def run_bench(overrides: Sequence[str], s: BenchSettings, out_dir: Optional[Path
         save()  # a run cut short still leaves its header and every finished row
         needs_unet = any(r in s.rows for r in ("train", "sample"))
         torch.manual_seed(s.seed)
+        def on_baseline(name: str, what: str, batch: int, gflop: float, base: dict[str, Any]) -> None:
+            report["pending"] = {"row": name, "what": what, "batch": batch, "gflop_per_img": gflop, "baseline": base}
+            save()
+
         run = _Run(typed, s, report["device"], peak,
                    unet=nonzero_init_(_build_unet(typed), s.seed) if needs_unet else None,
                    first_stage=_build_first_stage(typed) if any(r in s.rows for r in ("encode", "decode")) else None,
-                   counted=report["counted_gflop"])
+                   counted=report["counted_gflop"], on_baseline=on_baseline)
         if needs_unet:
             run.counted["unet_forward"] = unet_flops(typed, train=False) / 1e9
         for name in s.rows:
@@ -596,6 +608,7 @@ def run_bench(overrides: Sequence[str], s: BenchSettings, out_dir: Optional[Path
             if row is None:
                 say(f"[bench]   {name}: skipped (the experiment has no first stage with weights)")
                 continue
+            report.pop("pending", None)
             report["rows"].append(row)
             report["numerics"][name] = row["fast_vs_baseline_rel_err"]
             report["gflop_check"] = gflop_checks(experiment, run.counted)
@@ -674,6 +687,12 @@ def _section(rep: dict[str, Any]) -> list[str]:
     if not rep.get("complete", True):
         lines += ["", f"INCOMPLETE: the run stopped (time limit or error) before rows "
                   f"{', '.join(r for r in rep['settings']['rows'] if r not in {x['row'] for x in rep['rows']})}."]
+        pending = rep.get("pending")
+        if pending:
+            b = pending["baseline"]
+            lines += [f"Row {pending['row']} ({pending['what']}, batch {pending['batch']}): the eager fp32 baseline "
+                      f"finished ({_rate(b)} img/s, MFU {_pct(b)}, peak {_fmt(b.get('peak_mem_gib'), 2)} GiB); the "
+                      f"fast path ({rep['fast_path']}) did not (still compiling or running when the run stopped)."]
     if rep.get("numerics"):
         errors = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in rep["numerics"].items())
         lines += ["", "Fast path vs eager fp32 on the same weights and inputs, relative L2 error (train: of the first "

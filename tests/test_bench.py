@@ -249,3 +249,46 @@ def test_a_failed_path_is_recorded_not_fatal():
     report = {"experiment": "smoke", "device": {"name": "CPU", "torch": torch.__version__, "threads": 1},
               "created": "now", "fast_path": "compile", "rows": [row]}
     assert "RuntimeError: inductor failed" in render_markdown([report])
+
+
+def test_a_run_cut_while_the_fast_path_compiles_keeps_the_rows_baseline(tmp_path):
+    """The GPU check cuts each experiment at a time limit, and a cold torch.compile of a paper U-Net can outlast
+    it (seen on an H200: over 3 minutes). The baseline measured before the cut must survive in the results:
+    a real benchmark process is killed while inductor compiles the fast path of its first row."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from replication.bench import _fmt, render_markdown
+
+    out = tmp_path / "cut"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "replication.bench", "experiment=smoke", "--device", "cpu",
+                             "--batch", "2", "--steps", "1", "--warmup", "1", "--rows", "train", "--fast", "compile",
+                             "--threads", "1", "--out", str(out), "--tag", "cut", "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    report = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            path = out / "cut.json"
+            if path.exists():
+                data = json.loads(path.read_text())
+                if data.get("pending"):
+                    report = data
+                    break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert report is not None, "the baseline of the train row was never written before the fast path finished"
+    assert proc.returncode == -signal.SIGKILL  # cut while compiling, as the GPU check's time limit does
+    report = json.loads((out / "cut.json").read_text())
+    assert report["complete"] is False and report["rows"] == []
+    pending = report["pending"]
+    assert pending["row"] == "train" and pending["baseline"]["img_per_s"] > 0 and pending["baseline"]["error"] is None
+    text = render_markdown([report])
+    assert "Row train" in text and "did not" in text and _fmt(pending["baseline"]["img_per_s"]) in text
