@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # Issue 7's one prepared GPU check: `python -m replication.bench` at the paper's shapes on one GPU, the eager fp32
-# baseline and the fast path (bf16 autocast + channels_last + torch.compile + fused AdamW) side by side in the
-# same process, for
+# baseline and a fast path side by side in the same process, one benchmark process per plan entry:
 #   lsun_churches_ldm8  (Table 1, LDM-8 KL, U-Net 294,966,916 params)  train batch 96
 #   celebahq_ldm4       (Table 1, LDM-4 VQ, U-Net 274,056,163 params)  train batch 48
 # with sampling at batch 256 (the batch of the original-code measurement in shared/ANCHORS.md), timed over
-# 10 DDIM steps and quoted per image at 200 steps.
+# 10 DDIM steps and quoted per image at 200 steps. The fast path is every lever (bf16 autocast + channels_last +
+# torch.compile + fused AdamW) unless an entry names its own.
 # Writes reports/benchmarks/<device>.json and <device>.md (device e.g. nvidia-h200) and prints the table.
 #
-# Budget: about 8 minutes on an H100/H200. Most of it is torch.compile (training graph, then sampling graph)
-# per experiment; each experiment is cut at PER_EXPERIMENT_S seconds, and rows measured by then are kept
-# (the benchmark rewrites its JSON after every row, in the order train, sample, decode, encode, features).
+# Plan (EXPERIMENTS): entries NAME:BATCH[@ROWS[@FAST]][=SECONDS]; the default (DEFAULT_PLAN below) measures what the
+# H200 session of 2026-11-27 left open. Each entry is cut at its SECONDS (default PER_EXPERIMENT_S) and every entry
+# stops RESERVE_S before DEADLINE_S (575 s after the script's start; a device call is cut at 600 s). Rows measured by
+# then are kept, and so is the eager baseline of a row whose fast path was still compiling: the benchmark rewrites
+# its JSON after each. Most of the time is torch.compile: a cold compile of the Churches training graph took over
+# 3 minutes on an H200; a second compile on the same machine reuses inductor's caches.
 #
 # Usage (repository root):  bash replication/gpu_check.sh
 #   on this project's device machines (no registry there, an image without Hydra): first, here,
 #   `bash replication/gpu_wheels.sh`, then run `COPY_TO=$OUT bash replication/gpu_check.sh` with carry [".whl"]
-#   env: OUT_DIR (default reports/benchmarks), PER_EXPERIMENT_S (default 200), COPY_TO (also copy results there)
+#   env: OUT_DIR (default reports/benchmarks), PER_EXPERIMENT_S (default 205), COPY_TO (the log and each result
+#   are copied there as they appear), PLAN_ONLY=1 (print the parsed plan and stop)
 #   rehearsal on a machine without a GPU (tests/test_gpu_check.py runs it so): DEVICE=cpu EXPERIMENTS="smoke:4"
 #   BENCH_ARGS="--steps 1 ..." replaces the paper-shape arguments below; MERGE_TAG names the merged files.
-# After the benchmark, while the time allows (EXTRAS_BUDGET_S, default 560 s since the start), it runs the
-# CUDA-only tests that are skipped elsewhere (pinned copies, extract() without a host sync) and the smoke
+# After the benchmark, while the time allows (EXTRAS_BUDGET_S, default 560 s since the start, and DEADLINE_S), it
+# runs the CUDA-only tests that are skipped elsewhere (pinned copies, extract() without a host sync) and the smoke
 # experiment through the real stages with trainer=default (bf16, compile, channels_last, fused AdamW,
 # pinned memory, compiled sampling); logs go to OUT_DIR/<tag>-extras/. EXTRAS=0 skips them; SMOKE_OVERRIDES
 # adds overrides (the CPU rehearsal switches compile off).
@@ -36,12 +40,51 @@ fi
 OUT_DIR=${OUT_DIR:-reports/benchmarks}
 PER_EXPERIMENT_S=${PER_EXPERIMENT_S:-205}
 DEVICE=${DEVICE:-cuda}
-EXPERIMENTS=${EXPERIMENTS:-"lsun_churches_ldm8:96 celebahq_ldm4:48"}
+# What the H200 session of 2026-11-27 left unmeasured, most wanted first (its results: reports/benchmarks/nvidia-h200.md):
+# CelebA-HQ compiled sampling (the fourth target row); the Churches training step compiled after the EMA sync fix
+# (a cold compile of it took over 3 minutes there); the same with CUDA graphs, which reuses most of that compile
+# (inductor's caches); the first-stage and FID-feature rows of both (no compile).
+DEFAULT_PLAN="celebahq_ldm4:48@sample=170 lsun_churches_ldm8:96@train=250 \
+lsun_churches_ldm8:96@train@bf16,channels_last,compile:reduce-overhead,fused_adam=120 \
+lsun_churches_ldm8:96@decode,encode,features=60 celebahq_ldm4:48@decode,encode,features=60"
+EXPERIMENTS=${EXPERIMENTS:-$DEFAULT_PLAN}
+# the whole script ends by DEADLINE_S after its start (a device call is cut at 600 s); benchmark entries stop
+# RESERVE_S before it, for the merge and the CUDA-only tests
+DEADLINE_S=${DEADLINE_S:-575}
+RESERVE_S=${RESERVE_S:-40}
 PY=${PYTHON:-python3}  # the device machines have python3 (the one with PyTorch), maybe no `python`
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 export HF_HUB_OFFLINE=1
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
+
+# EXPERIMENTS entries: NAME:BATCH[@ROWS[@FAST]][=SECONDS], e.g. celebahq_ldm4:48@sample=170 or
+# lsun_churches_ldm8:96@train@bf16,channels_last,compile:reduce-overhead,fused_adam=120; all checked before any work
+specs=()
+for spec in $EXPERIMENTS; do
+  body=${spec%%=*}
+  limit=$PER_EXPERIMENT_S
+  [ "$body" != "$spec" ] && limit=${spec#*=}
+  head=${body%%@*}
+  rest=""
+  [ "$head" != "$body" ] && rest=${body#*@}
+  rows=${rest%%@*}
+  fast=""
+  [ "$rows" != "$rest" ] && fast=${rest#*@}
+  name=${head%%:*}
+  batch=${head#*:}
+  if [ "$name" = "$head" ] || ! [[ "$batch" =~ ^[0-9]+$ ]] || ! [[ "$limit" =~ ^[0-9]+$ ]] \
+     || ! [[ "$rows" =~ ^[a-z,]*$ ]]; then
+    echo "gpu_check: EXPERIMENTS entries are NAME:BATCH[@ROWS[@FAST]][=SECONDS], got '$spec'" >&2
+    exit 2
+  fi
+  specs+=("$name|$batch|$rows|$fast|$limit")
+done
+
+if [ "${PLAN_ONLY:-0}" = 1 ]; then  # print the parsed plan and stop (tests/test_gpu_check.py checks the default)
+  for entry in "${specs[@]}"; do echo "plan: $entry"; done
+  exit 0
+fi
 
 # The device machines' image lacks Hydra/OmegaConf, torch-fidelity and lpips: install the wheels carried in .whl/
 # (made here by replication/gpu_wheels.sh; name .whl in the device call's carry) when the imports fail.
@@ -75,29 +118,38 @@ else
 fi
 COMMON=(--device "$DEVICE" "${SHAPE_ARGS[@]}" --out "$TMP" --no-table)
 
+# one benchmark process per entry, each cut at its limit and never past the deadline (what it measured is kept)
 run_one() {
-  local name=$1 batch=$2
-  echo "== $name, train batch $batch (limit ${PER_EXPERIMENT_S}s)"
-  timeout --signal=TERM --kill-after=15 "$PER_EXPERIMENT_S" \
-    "$PY" -m replication.bench "experiment=$name" --batch "$batch" "${COMMON[@]}" --tag "$name"
+  local name=$1 batch=$2 rows=$3 fast=$4 limit=$5 tag=$6
+  local left=$(( DEADLINE_S - RESERVE_S - ($(date +%s) - script_start) ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  local extra=()
+  [ -n "$rows" ] && extra+=(--rows "$rows")
+  [ -n "$fast" ] && extra+=(--fast "$fast")
+  if [ "$limit" -lt 30 ]; then
+    echo "== $name${rows:+ ($rows)}: skipped, ${left}s left before the deadline"
+    return
+  fi
+  echo "== $name, train batch $batch${rows:+, rows $rows}${fast:+, fast $fast} (limit ${limit}s)"
+  timeout --signal=TERM --kill-after=15 "$limit" \
+    "$PY" -m replication.bench "experiment=$name" --batch "$batch" "${COMMON[@]}" ${extra[@]+"${extra[@]}"} --tag "$tag"
   local rc=$?
-  [ $rc -eq 124 ] && echo "   $name: cut at ${PER_EXPERIMENT_S}s; keeping the rows measured so far"
+  [ $rc -eq 124 ] && echo "   $name: cut at ${limit}s; keeping the rows (and baseline) measured so far"
   [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "   $name: exit status $rc"
   # the unmerged rows, until the merged files replace them
-  [ -n "${COPY_TO:-}" ] && [ -f "$TMP/$name.json" ] && cp "$TMP/$name.json" "$COPY_TO/partial-$name.json"
+  [ -n "${COPY_TO:-}" ] && [ -f "$TMP/$tag.json" ] && cp "$TMP/$tag.json" "$COPY_TO/partial-$tag.json"
   echo "   elapsed so far: $(( $(date +%s) - start ))s"
 }
 
 names=()
-for spec in $EXPERIMENTS; do
-  name=${spec%%:*}
-  batch=${spec#*:}
-  if [ "$name" = "$spec" ] || ! [[ "$batch" =~ ^[0-9]+$ ]]; then
-    echo "gpu_check: EXPERIMENTS entries are NAME:BATCH, got '$spec'" >&2
-    exit 2
-  fi
-  names+=("$name")
-  run_one "$name" "$batch"
+i=0
+for entry in "${specs[@]}"; do
+  IFS='|' read -r name batch rows fast limit <<< "$entry"
+  i=$(( i + 1 ))
+  tag=$name
+  [ ${#specs[@]} -gt 1 ] && tag="$i-$name"
+  names+=("$tag")
+  run_one "$name" "$batch" "$rows" "$fast" "$limit" "$tag"
 done
 
 files=()
@@ -118,7 +170,6 @@ EXTRAS=${EXTRAS:-$([ "$DEVICE" = cuda ] && echo 1 || echo 0)}
 EXTRAS_BUDGET_S=${EXTRAS_BUDGET_S:-560}
 # the extras end by EXTRAS_BUDGET_S after the benchmark's start and by DEADLINE_S after the script's start
 # (the wheel install and the CUDA probe come before the benchmark's start)
-DEADLINE_S=${DEADLINE_S:-575}
 budget_left() {
   local a=$(( EXTRAS_BUDGET_S - ($(date +%s) - start) )) b=$(( DEADLINE_S - ($(date +%s) - script_start) ))
   echo $(( a < b ? a : b ))
