@@ -23,6 +23,7 @@ from replication.diffusion.schedule import Schedule
 from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
                                               set_rng_state)
 from replication.training.distributed import DistInfo, all_reduce_mean
+from replication.training.loss_reader import DeferredLossReader, StepLosses
 from replication.training.signals import Preempted, StopRequested, TrainingDiverged
 from replication.utils.transfer import to_device
 
@@ -203,6 +204,22 @@ def train_loop(
 
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext())
     last_loss = math.nan
+    reader = DeferredLossReader()
+
+    def settle(done: list[StepLosses]) -> None:
+        """Check and log steps whose losses have been read."""
+        nonlocal last_loss
+        for read in done:
+            values = read.values
+            if not all(math.isfinite(v) for v in values):
+                bad = next(v for v in values if not math.isfinite(v))
+                raise TrainingDiverged(
+                    f"loss is {bad} at step {read.step}; stopped. The last good full-state checkpoint in {state_dir} "
+                    "is untouched: lower the learning rate or check the data, then rerun to resume.")
+            last_loss = loss_value = sum(values) / len(values)
+            if dist.is_main and (read.step % settings.log_every == 0 or read.step == 1):
+                stats(event="train", step=read.step, loss=loss_value, **read.meta)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
     target = settings.steps if stop_after is None else min(settings.steps, step + stop_after)
     bar = tqdm(total=settings.steps, initial=step, desc="train LDM", disable=not (settings.progress and dist.is_main),
                dynamic_ncols=True)
@@ -235,25 +252,18 @@ def train_loop(
             scheduler.step()
             if ema is not None:
                 ema.update(model)
-            # The step's one host read, after its whole backward, optimizer and EMA work is queued (reading the loss
-            # right after the forward would leave the GPU idle while the backward is launched). A non-finite loss
-            # stops here, before anything of this step is written: the last checkpoint on disk stays good.
-            values = all_reduce_mean(torch.stack(micro_losses), dist).tolist()
-            if not all(math.isfinite(v) for v in values):
-                bad = next(v for v in values if not math.isfinite(v))
-                raise TrainingDiverged(
-                    f"loss is {bad} at step {step + 1}; stopped. The last good full-state checkpoint in {state_dir} "
-                    "is untouched: lower the learning rate or check the data, then rerun to resume.")
+            # The step's losses are read one step late (loss_reader.py): the host never waits for the GPU here.
+            # Each read is checked before anything after it is written (checkpoint, snapshot), so a non-finite
+            # loss still stops training with the last checkpoint on disk good.
+            settle(reader.push(step + 1, all_reduce_mean(torch.stack(micro_losses), dist),
+                               lr=scheduler.get_last_lr()[0], epoch=order.epoch))
             step += 1
-            loss_value = sum(values) / len(values)
-            last_loss = loss_value
             bar.update(1)
-            if dist.is_main and (step % settings.log_every == 0 or step == 1):
-                stats(event="train", step=step, loss=loss_value, lr=scheduler.get_last_lr()[0], epoch=order.epoch)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
             if dist.is_main and settings.snapshot_every and step % settings.snapshot_every == 0 and on_snapshot:
+                settle(reader.flush())
                 on_snapshot(step)
             if step % settings.ckpt_every == 0 or step == settings.steps:
+                settle(reader.flush())
                 state_now = full_state()
                 if dist.is_main:
                     save_state(state_dir, step, state_now, settings.keep_last)
@@ -263,6 +273,7 @@ def train_loop(
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                 stopping = bool(flag.item())
             if stopping:
+                settle(reader.flush())
                 state_now = full_state()
                 if dist.is_main:
                     path = save_state(state_dir, step, state_now, settings.keep_last)
@@ -270,5 +281,6 @@ def train_loop(
                     log.warning("signal %s: wrote %s at step %d; rerun the same command to resume", stop.signum, path, step)
                 bar.close()
                 raise Preempted(stop.signum or signal.SIGTERM, step, str(state_dir))
+        settle(reader.flush())
     bar.close()
     return {"step": step, "resumed_from": resumed_from, "last_loss": last_loss, "extra_state": extra_state}
