@@ -8,7 +8,7 @@
 
 Rows (each measured for the eager fp32 baseline and for the fast path, same weights, same inputs):
 - train:    one training step as `training/ldm_trainer.train_loop` runs it on cached latents: forward, eps loss,
-            backward, AdamW, EMA update, loss read back to the host (no encoder: the latent cache feeds training).
+            backward, AdamW, EMA update, the loss read back one step late (no encoder: the latent cache feeds training).
 - sample:   DDIM steps of the experiment's sampler at `--sample-batch`, timed over `--sample-steps` steps and
             reported per image at 200 steps (each step is one U-Net call plus the same elementwise update, so
             the time is linear in the step count).
@@ -313,12 +313,14 @@ def _train_inputs(typed: dict[str, Any], batch: int, device: torch.device, seed:
 
 def measure_train(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: BenchSettings, gflop: float,
                   peak: float) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
-    """One train_loop step (forward, loss, backward, AdamW, EMA, loss to host) on fixed latents."""
+    """One train_loop step (forward, loss, backward, AdamW, EMA, the loss read one step late) on fixed latents."""
     from replication.diffusion.objective import diffusion_loss
     from replication.models.conditioning import ema_scope
     from replication.models.ema import EMA
+    from replication.training.loss_reader import DeferredLossReader
 
     trainer, diffusion, device = typed["trainer"], typed["diffusion"], s.device
+    reader = DeferredLossReader()
     model = copy.deepcopy(base).train()
     forward = prepare_module(model, fast, device)
     ema = EMA(model, decay=trainer.ema_decay, scope=ema_scope(model)) if trainer.use_ema else None
@@ -340,11 +342,15 @@ def measure_train(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: Ben
         optimizer.step()
         if ema is not None:
             ema.update(model)
-        value = float(loss.detach())  # as the loop: one read per step, after the step's work is queued
-        if not first_loss:
-            first_loss.append(value)
+        # as the loop: the step's loss is read one step late, so the host never waits for the GPU
+        for read in reader.push(0, loss.detach().float().reshape(1)):
+            if not first_loss:
+                first_loss.append(read.values[0])
 
     result = _measure(step, device, s.warmup, s.iters, s.batch, gflop, peak, fast)
+    for read in reader.flush():
+        if not first_loss:
+            first_loss.append(read.values[0])
     del model, forward, ema, optimizer
     free_device_memory(device)
     return result, (torch.tensor(first_loss) if first_loss else None)
