@@ -132,3 +132,41 @@ def test_a_copy_of_the_model_trains_identically_with_one_micro_batch(tmp_path):
     _train(tmp_path / "x", m1, l1, steps=2, accumulate=1)
     _train(tmp_path / "y", m2, l2, steps=2, accumulate=1)
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+def test_each_step_logs_its_own_losses_read_one_step_late(tmp_path):
+    """Losses travel to the host one step late (loss_reader.py): every record still pairs its step's generator loss
+    with that step's logs (the loss is the logged total_loss, both micro-batch means), discriminator terms included,
+    and the host-side disc_factor with them."""
+    records: list[dict] = []
+    model, loss_fn = _build(_cfg(disc_start=2))
+    summary = _train(tmp_path / "r", model, loss_fn, steps=4, accumulate=2, records=records)
+    logged = [r for r in records if r.get("event") == "train_autoencoder"]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    for r in logged:
+        assert r["loss"] == pytest.approx(r["total_loss"], rel=1e-6, abs=1e-7)
+        assert r["disc_factor"] == (1.0 if r["step"] > 2 else 0.0)  # optimizer steps 0, 1 before disc_start 2
+        assert {"disc_loss", "logits_real", "rec_loss", "quant_loss"} <= set(r)
+    assert len({r["loss"] for r in logged}) == 4 and summary["last_loss"] == logged[-1]["loss"]
+
+
+@pytest.mark.parametrize("nan_at_step", [3, 4])
+def test_a_nan_stops_the_autoencoder_at_its_own_step_before_the_next_checkpoint(tmp_path, nan_at_step):
+    from replication.training.checkpoint import list_states
+    from replication.training.signals import TrainingDiverged
+
+    data, calls = _images(), {"n": 0}
+
+    def images(idx, g):
+        calls["n"] += 1
+        x = data[idx].clone()
+        if calls["n"] == nan_at_step:
+            x[0, 0, 0, 0] = float("nan")
+        return x
+
+    model, loss_fn = _build(_cfg(disc_start=1000))
+    with pytest.raises(TrainingDiverged, match=rf"autoencoder loss is nan at step {nan_at_step};"):
+        train_autoencoder_loop(model, loss_fn, images, ITEMS, 8, BATCH, lr=1e-3, betas=(0.5, 0.9), seed=4,
+                               state_dir=tmp_path / "s", stats=lambda **r: None, device=torch.device("cpu"),
+                               log_every=1, ckpt_every=2, progress=False, accumulate=1)
+    assert [step for step, _ in list_states(tmp_path / "s")] == [2]

@@ -13,9 +13,11 @@ from tqdm.auto import tqdm
 from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
                                               set_rng_state)
 from replication.training.ldm_trainer import DataOrder
+from replication.training.loss_reader import DeferredLossReader, StepLosses
 from replication.training.signals import Preempted, StopRequested, TrainingDiverged
 
 log = logging.getLogger("replication")
+_LOSS_G = "__generator_loss"  # the generator's total loss among a step's read-back values (logged as `loss`)
 
 
 def train_autoencoder_loop(
@@ -80,12 +82,32 @@ def train_autoencoder_loop(
     loss_fn.train()
     bar = tqdm(total=steps, initial=step, desc="train autoencoder", disable=not progress, dynamic_ncols=True)
     last = math.nan
+    # Losses and logs are read one step late (loss_reader.py), so the host never waits for the GPU; every read is
+    # checked before anything after it is written, so a non-finite loss still leaves the last checkpoint good.
+    reader = DeferredLossReader()
+
+    def settle(done: list[StepLosses]) -> None:
+        nonlocal last
+        for read in done:
+            keys, micro = read.meta["keys"], read.meta["micro"]
+            rows = [read.values[i * len(keys):(i + 1) * len(keys)] for i in range(micro)]
+            values = {k: sum(r[j] for r in rows) / micro for j, k in enumerate(keys)}  # mean over micro-batches
+            loss = values.pop(_LOSS_G)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"autoencoder loss is {loss} at step {read.step}; last good checkpoint kept in "
+                                       f"{state_dir}")
+            last = loss
+            if read.step % log_every == 0 or read.step == 1:
+                logs = {**values, **read.meta["host_logs"]}
+                stats(event="train_autoencoder", step=read.step, loss=loss,
+                      **{k: v for k, v in logs.items() if k != "loss"})
+                bar.set_postfix(loss=f"{loss:.4f}")
     with StopRequested() as stop:
         while step < steps:
             opt_g.zero_grad(set_to_none=True)
             if opt_d is not None:
                 opt_d.zero_grad(set_to_none=True)
-            step_d, micro_logs, micro_losses = False, [], []
+            step_d, micro_logs, micro_host_logs = False, [], []
             for micro in range(accumulate):
                 x = images_fn(order.next(), generator).to(device)
                 latent_shape = (x.shape[0], model.latent_channels, x.shape[2] // model.downsampling_factor,
@@ -93,11 +115,9 @@ def train_autoencoder_loop(
                 noise = torch.randn(latent_shape, generator=generator).to(device)
                 x_rec, aux = model(x, sample_posterior=True, noise=noise)
                 loss_g, logs_g = loss_fn.generator_loss(x, x_rec, aux, step, model.last_layer())
-                if not math.isfinite(float(loss_g.detach())):
-                    raise TrainingDiverged(f"autoencoder loss is {float(loss_g)} at step {step + 1}; last good checkpoint kept in {state_dir}")
                 # gradients of each loss reach its own optimiser's parameters only (Lightning's toggle_optimizer)
                 torch.autograd.backward(loss_g / accumulate if accumulate > 1 else loss_g, inputs=params_g)
-                logs = {k: float(v) for k, v in logs_g.items()}
+                logs = {_LOSS_G: loss_g.detach(), **logs_g}
                 if micro == accumulate - 1:
                     opt_g.step()
                 if opt_d is not None:
@@ -110,23 +130,28 @@ def train_autoencoder_loop(
                     if loss_d.requires_grad:
                         torch.autograd.backward(loss_d / accumulate if accumulate > 1 else loss_d, inputs=params_d)
                         step_d = True
-                    logs.update({k: float(v) for k, v in logs_d.items()})
-                micro_logs.append(logs)
-                micro_losses.append(float(loss_g.detach()))
+                    logs.update(logs_d)
+                # device values travel in one tensor, read later; values already on the host are read now
+                on_device = {k: v for k, v in logs.items() if torch.is_tensor(v) and v.device == loss_g.device}
+                micro_logs.append(on_device)
+                micro_host_logs.append({k: float(v) for k, v in logs.items() if k not in on_device})
             if step_d:
                 opt_d.step()
-            logs = {k: sum(m[k] for m in micro_logs) / len(micro_logs) for k in micro_logs[0]}
+            keys = list(micro_logs[0])
+            host_logs = {k: sum(m[k] for m in micro_host_logs) / len(micro_host_logs) for k in micro_host_logs[0]}
+            device_values = torch.stack([torch.stack([m[k].float().reshape(()) for k in keys]) for m in micro_logs])
+            settle(reader.push(step + 1, device_values.reshape(-1), keys=keys, micro=len(micro_logs),
+                               host_logs=host_logs))
             step += 1
-            last = sum(micro_losses) / len(micro_losses)
             bar.update(1)
-            if step % log_every == 0 or step == 1:
-                stats(event="train_autoencoder", step=step, loss=last, **{k: v for k, v in logs.items() if k != "loss"})
-                bar.set_postfix(loss=f"{last:.4f}")
             if step % ckpt_every == 0 or step == steps:
+                settle(reader.flush())
                 save_state(state_dir, step, full_state(), keep_last)
             if stop:
+                settle(reader.flush())
                 path = save_state(state_dir, step, full_state(), keep_last)
                 bar.close()
                 raise Preempted(stop.signum, step, str(path))
+        settle(reader.flush())
     bar.close()
     return {"step": step, "last_loss": last}
