@@ -231,3 +231,53 @@ def test_a_checkpoint_of_another_configuration_is_set_aside_not_resumed(tmp_path
     assert all(torch.equal(p, q) for p, q in zip(model_b.parameters(), fresh_b.parameters()))
     _, _, again = _train(state, steps=3, accumulate=1, ckpt_every=2, lr=5e-3, resume_key="config-b")
     assert again["resumed_from"] == 2 and again["step"] == 3  # the same configuration resumes as before
+
+
+def _ddp_signal_worker(rank: int, world: int, init_file: str, state_dir: str, out_dir: str) -> None:
+    import json
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from replication.training.distributed import DistInfo
+    from replication.training.signals import Preempted
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    calls = {"n": 0}
+    data = _data()
+
+    def batch_fn(idx, g):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler preempts one task of the job
+        return data[idx], None
+
+    result = {"rank": rank, "preempted_at": None}
+    try:
+        train_loop(_model(), None, Schedule.make("linear", 1000, 0.0015, 0.0195), batch_fn, ITEMS,
+                   _settings(10, 1, ckpt_every=100), Path(state_dir), lambda **r: None, torch.device("cpu"),
+                   DistInfo(rank=rank, world_size=world))
+    except Preempted as exc:
+        result["preempted_at"] = exc.step
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    """SIGTERM reaches one process of two: both stop at the same step (the stop flag travels with the step's
+    losses, read one step late), and the checkpoint written there is the last state on disk."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from replication.training.checkpoint import list_states
+
+    state = tmp_path / "state"
+    mp.spawn(_ddp_signal_worker, args=(2, str(tmp_path / "init"), str(state), str(tmp_path)), nprocs=2, join=True)
+    steps = [json.loads((tmp_path / f"rank{r}.json").read_text())["preempted_at"] for r in range(2)]
+    assert steps[0] is not None and steps[0] == steps[1], steps
+    assert steps[0] == 4  # the signal came during step 3; its flag is read with step 3's losses, during step 4
+    assert [s for s, _ in list_states(state)] == [steps[0]]

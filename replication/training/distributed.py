@@ -109,14 +109,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if not info.enabled:
-        return x
-    y = x.detach().clone()
-    dist.all_reduce(y)
-    return y / info.world_size
-
-
 def _waiting_group() -> Any:
     global _wait_group
     if _wait_group is None:  # collective: every rank reaches this at the same point (execute(), first stage)

@@ -22,7 +22,7 @@ from replication.diffusion.objective import diffusion_loss, sample_timesteps
 from replication.diffusion.schedule import Schedule
 from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
                                               set_rng_state)
-from replication.training.distributed import DistInfo, all_reduce_mean
+from replication.training.distributed import DistInfo
 from replication.training.loss_reader import DeferredLossReader, StepLosses
 from replication.training.signals import Preempted, StopRequested, TrainingDiverged
 from replication.utils.transfer import to_device
@@ -206,11 +206,26 @@ def train_loop(
     last_loss = math.nan
     reader = DeferredLossReader()
 
-    def settle(done: list[StepLosses]) -> None:
-        """Check and log steps whose losses have been read."""
+    def push(step_number: int, losses: torch.Tensor) -> list[StepLosses]:
+        """Queue the read of a step's losses; with several processes, one all-reduce carries every rank's losses
+        and its stop flag (any rank signalled), so all ranks read the same flag at the same step."""
+        meta = {"lr": scheduler.get_last_lr()[0], "epoch": order.epoch}
+        if not dist.enabled:
+            return reader.push(step_number, losses, **meta)
+        flag = torch.full((1,), float(bool(stop)), device=losses.device)  # a fill kernel: no host-to-device copy
+        both = torch.cat([losses.float(), flag])
+        torch.distributed.all_reduce(both)  # sum: losses / world size is the mean, a flag > 0 means any rank
+        return reader.push(step_number, both, **meta)
+
+    def settle(done: list[StepLosses]) -> bool:
+        """Check and log steps whose losses have been read; True when a rank asked to stop (several processes)."""
         nonlocal last_loss
+        stop_seen = False
         for read in done:
             values = read.values
+            if dist.enabled:
+                stop_seen = stop_seen or values[-1] > 0
+                values = [v / dist.world_size for v in values[:-1]]
             if not all(math.isfinite(v) for v in values):
                 bad = next(v for v in values if not math.isfinite(v))
                 raise TrainingDiverged(
@@ -220,6 +235,7 @@ def train_loop(
             if dist.is_main and (read.step % settings.log_every == 0 or read.step == 1):
                 stats(event="train", step=read.step, loss=loss_value, **read.meta)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
+        return stop_seen
     target = settings.steps if stop_after is None else min(settings.steps, step + stop_after)
     bar = tqdm(total=settings.steps, initial=step, desc="train LDM", disable=not (settings.progress and dist.is_main),
                dynamic_ncols=True)
@@ -255,23 +271,22 @@ def train_loop(
             # The step's losses are read one step late (loss_reader.py): the host never waits for the GPU here.
             # Each read is checked before anything after it is written (checkpoint, snapshot), so a non-finite
             # loss still stops training with the last checkpoint on disk good.
-            settle(reader.push(step + 1, all_reduce_mean(torch.stack(micro_losses), dist),
-                               lr=scheduler.get_last_lr()[0], epoch=order.epoch))
+            # With several processes, every rank stops at the same step, whichever rank got the signal: the one
+            # where the flag is read (the next step, or this one where a checkpoint or snapshot flushes the read).
+            stopping = settle(push(step + 1, torch.stack(micro_losses)))
             step += 1
             bar.update(1)
-            if dist.is_main and settings.snapshot_every and step % settings.snapshot_every == 0 and on_snapshot:
-                settle(reader.flush())
-                on_snapshot(step)
+            if settings.snapshot_every and step % settings.snapshot_every == 0 and on_snapshot:
+                stopping = settle(reader.flush()) or stopping
+                if dist.is_main:
+                    on_snapshot(step)
             if step % settings.ckpt_every == 0 or step == settings.steps:
-                settle(reader.flush())
+                stopping = settle(reader.flush()) or stopping
                 state_now = full_state()
                 if dist.is_main:
                     save_state(state_dir, step, state_now, settings.keep_last)
-            stopping = bool(stop)
-            if dist.enabled:  # every rank stops at the same step, whichever rank got the signal first
-                flag = torch.tensor([float(stopping)], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                stopping = bool(flag.item())
+            if not dist.enabled:
+                stopping = bool(stop)
             if stopping:
                 settle(reader.flush())
                 state_now = full_state()
