@@ -24,7 +24,7 @@
 #   BENCH_ARGS="--steps 1 ..." replaces the paper-shape arguments below; MERGE_TAG names the merged files.
 # After the benchmark, while the time allows (EXTRAS_BUDGET_S, default 560 s since the start, and DEADLINE_S), it
 # runs the CUDA-only tests that are skipped elsewhere (pinned copies, extract() without a host sync, the loss
-# read one step late through pinned memory) and the smoke
+# read one step late through pinned memory, training steps without any host-device sync) and the smoke
 # experiment through the real stages with trainer=default (bf16, compile, channels_last, fused AdamW,
 # pinned memory, compiled sampling); logs go to OUT_DIR/<tag>-extras/. EXTRAS=0 skips them; SMOKE_OVERRIDES
 # adds overrides (the CPU rehearsal switches compile off).
