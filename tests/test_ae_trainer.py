@@ -37,13 +37,14 @@ def _build(cfg):
     return build_autoencoder(cfg), AutoencoderLoss.from_config(cfg.kind, cfg.loss)
 
 
-def _train(tmp, model, loss_fn, steps, accumulate, records=None, disc_fresh_forward=True):
+def _train(tmp, model, loss_fn, steps, accumulate, records=None, disc_fresh_forward=True, pin_memory=False):
     data = _images()
     return train_autoencoder_loop(model, loss_fn, lambda idx, g: data[idx], ITEMS, steps, BATCH, lr=1e-3,
                                   betas=(0.5, 0.9), seed=4, state_dir=tmp,
                                   stats=lambda **r: (records if records is not None else []).append(r),
                                   device=torch.device("cpu"), log_every=1, ckpt_every=1000, progress=False,
-                                  accumulate=accumulate, disc_fresh_forward=disc_fresh_forward)
+                                  accumulate=accumulate, disc_fresh_forward=disc_fresh_forward,
+                                  pin_memory=pin_memory)
 
 
 def _reference_grads(cfg, accumulate: int, fresh: bool, step: int = 0):
@@ -170,3 +171,16 @@ def test_a_nan_stops_the_autoencoder_at_its_own_step_before_the_next_checkpoint(
                                state_dir=tmp_path / "s", stats=lambda **r: None, device=torch.device("cpu"),
                                log_every=1, ckpt_every=2, progress=False, accumulate=1)
     assert [step for step, _ in list_states(tmp_path / "s")] == [2]
+
+
+def test_pinned_input_copies_are_plain_copies_off_cuda(tmp_path):
+    """trainer.pin_memory reaches the autoencoder loop too; without CUDA it changes nothing (the CUDA path is
+    tests/test_accumulation.py's pinned-copy test)."""
+    runs = []
+    for pin in (False, True):
+        records: list[dict] = []
+        model, loss_fn = _build(_cfg(disc_start=1))
+        _train(tmp_path / f"p{pin}", model, loss_fn, steps=2, accumulate=1, records=records, pin_memory=pin)
+        runs.append(([r["loss"] for r in records if r.get("event") == "train_autoencoder"], model))
+    assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1].parameters(), runs[1][1].parameters()))

@@ -79,7 +79,8 @@ def _body(ctx: StageContext) -> dict[str, Any]:
             model, loss_fn, images_fn, len(images), train.steps, train.batch_size, lr, tuple(train.adam_betas),
             ctx.root.seed, ctx.stage_dir / "state", ctx.stats, ctx.device, train.log_every, train.ckpt_every,
             progress=ctx.progress, train_logvar=train.train_logvar, accumulate=train.accumulate_grad_batches,
-            disc_fresh_forward=train.disc_fresh_forward, resume_key=_resume_key(ctx))
+            disc_fresh_forward=train.disc_fresh_forward, resume_key=_resume_key(ctx),
+            pin_memory=ctx.typed["trainer"].pin_memory)  # the input-copy lever of all stages (trainer group)
         result.update(mode="trained", steps=summary["step"], last_loss=summary["last_loss"], lr=lr,
                       perceptual=getattr(loss_fn, "lpips_backbone", "n/a"))
     if has_params:

@@ -15,6 +15,7 @@ from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, 
 from replication.training.ldm_trainer import DataOrder
 from replication.training.loss_reader import DeferredLossReader, StepLosses
 from replication.training.signals import Preempted, StopRequested, TrainingDiverged
+from replication.utils.transfer import to_device
 
 log = logging.getLogger("replication")
 _LOSS_G = "__generator_loss"  # the generator's total loss among a step's read-back values (logged as `loss`)
@@ -41,6 +42,7 @@ def train_autoencoder_loop(
     accumulate: int = 1,
     disc_fresh_forward: bool = True,
     resume_key: Optional[str] = None,
+    pin_memory: bool = False,
 ) -> dict[str, Any]:
     """`steps` counts optimizer steps (Lightning's global_step, which the discriminator start compares with); with
     `accumulate` > 1 each step averages the gradients of that many micro-batches of `batch_size` (loss / N), as
@@ -109,10 +111,11 @@ def train_autoencoder_loop(
                 opt_d.zero_grad(set_to_none=True)
             step_d, micro_logs, micro_host_logs = False, [], []
             for micro in range(accumulate):
-                x = images_fn(order.next(), generator).to(device)
+                # with pin_memory on CUDA, page-locked non-blocking copies (a pageable copy waits for the GPU)
+                x = to_device(images_fn(order.next(), generator), device, pin_memory)
                 latent_shape = (x.shape[0], model.latent_channels, x.shape[2] // model.downsampling_factor,
                                 x.shape[3] // model.downsampling_factor)
-                noise = torch.randn(latent_shape, generator=generator).to(device)
+                noise = to_device(torch.randn(latent_shape, generator=generator), device, pin_memory)
                 x_rec, aux = model(x, sample_posterior=True, noise=noise)
                 loss_g, logs_g = loss_fn.generator_loss(x, x_rec, aux, step, model.last_layer())
                 # gradients of each loss reach its own optimiser's parameters only (Lightning's toggle_optimizer)
@@ -125,7 +128,8 @@ def train_autoencoder_loop(
                     if disc_fresh_forward and loss_fn.disc_factor_at(step) > 0:
                         with torch.no_grad():
                             x_fake, _ = model(x, sample_posterior=True,
-                                              noise=torch.randn(latent_shape, generator=generator).to(device))
+                                              noise=to_device(torch.randn(latent_shape, generator=generator),
+                                                              device, pin_memory))
                     loss_d, logs_d = loss_fn.discriminator_loss(x, x_fake, step)
                     if loss_d.requires_grad:
                         torch.autograd.backward(loss_d / accumulate if accumulate > 1 else loss_d, inputs=params_d)
