@@ -328,7 +328,7 @@ def measure_train(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: Ben
                            weight_decay=trainer.weight_decay)
     x0, t, noise, labels = _train_inputs(typed, s.batch, device, s.seed)
     schedule, loss_type = diffusion.make_schedule(), diffusion.loss()
-    first_loss: list[float] = []
+    reads: list[Any] = []  # the steps' losses as the reader hands them back (the first is the row's numerics)
 
     def denoise(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         x_in = to_memory_format(x_t, fast)
@@ -343,17 +343,13 @@ def measure_train(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: Ben
         if ema is not None:
             ema.update(model)
         # as the loop: the step's loss is read one step late, so the host never waits for the GPU
-        for read in reader.push(0, loss.detach().float().reshape(1)):
-            if not first_loss:
-                first_loss.append(read.values[0])
+        reads.extend(reader.push(len(reads), loss.detach().float().reshape(1)))
 
     result = _measure(step, device, s.warmup, s.iters, s.batch, gflop, peak, fast)
-    for read in reader.flush():
-        if not first_loss:
-            first_loss.append(read.values[0])
+    reads.extend(reader.flush())
     del model, forward, ema, optimizer
     free_device_memory(device)
-    return result, (torch.tensor(first_loss) if first_loss else None)
+    return result, (torch.tensor(reads[0].values[:1]) if reads else None)
 
 
 def measure_sample(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: BenchSettings, gflop_step: float,
@@ -523,23 +519,22 @@ def _compare(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[f
 
 def _row_train(r: _Run) -> dict[str, Any]:
     gflop = r.counted["train"] = unet_flops(r.typed, train=True) / 1e9
+    what = "forward+backward+AdamW+EMA per latent"
     base, loss_b = measure_train(r.typed, r.unet, FastPath(), r.s, gflop, r.peak)
-    r.on_baseline("train", "forward+backward+AdamW+EMA per latent", r.s.batch, gflop, base)
+    r.on_baseline("train", what, r.s.batch, gflop, base)
     fast, loss_f = measure_train(r.typed, r.unet, r.s.fast, r.s, gflop, r.peak)
-    return _row("train", "forward+backward+AdamW+EMA per latent", r.s.batch, gflop, base, fast, r.experiment,
-                r.device_info, _compare(loss_f, loss_b))
+    return _row("train", what, r.s.batch, gflop, base, fast, r.experiment, r.device_info, _compare(loss_f, loss_b))
 
 
 def _row_sample(r: _Run) -> dict[str, Any]:
     gflop_step = r.counted["unet_forward"]
     base, x_b = measure_sample(r.typed, r.unet, FastPath(), r.s, gflop_step, r.peak)
     quoted = base.get("steps_quoted", SAMPLE_QUOTE_STEPS)
-    r.on_baseline("sample", f"{r.typed['sampler'].kind} at {quoted} steps per image", r.s.sample_batch,
-                  gflop_step * quoted, base)
+    what = f"{r.typed['sampler'].kind} at {quoted} steps per image"
+    r.on_baseline("sample", what, r.s.sample_batch, gflop_step * quoted, base)
     fast, x_f = measure_sample(r.typed, r.unet, r.s.fast, r.s, gflop_step, r.peak)
-    return _row("sample", f"{r.typed['sampler'].kind} at {quoted} steps per image", r.s.sample_batch,
-                gflop_step * quoted, base, fast, r.experiment, r.device_info, _compare(x_f, x_b),
-                steps_run=base.get("steps_run"))
+    return _row("sample", what, r.s.sample_batch, gflop_step * quoted, base, fast, r.experiment, r.device_info,
+                _compare(x_f, x_b), steps_run=base.get("steps_run"))
 
 
 def _row_first_stage(r: _Run, what: str) -> Optional[dict[str, Any]]:
@@ -547,20 +542,20 @@ def _row_first_stage(r: _Run, what: str) -> Optional[dict[str, Any]]:
         return None  # pixel-space LDM: no first stage to time
     gflop = r.counted[what] = first_stage_flops(r.typed, what) / 1e9
     base, y_b = measure_first_stage(r.typed, r.first_stage, FastPath(), r.s, what, gflop, r.peak)
-    res = r.typed["autoencoder"].ddconfig.resolution
-    r.on_baseline(what, f"first stage {what} at {res}px", r.s.ae_batch, gflop, base)
+    described = f"first stage {what} at {r.typed['autoencoder'].ddconfig.resolution}px"
+    r.on_baseline(what, described, r.s.ae_batch, gflop, base)
     fast, y_f = measure_first_stage(r.typed, r.first_stage, r.s.fast, r.s, what, gflop, r.peak)
-    return _row(what, f"first stage {what} at {res}px", r.s.ae_batch, gflop, base, fast, r.experiment, r.device_info,
-                _compare(y_f, y_b))
+    return _row(what, described, r.s.ae_batch, gflop, base, fast, r.experiment, r.device_info, _compare(y_f, y_b))
 
 
 def _row_features(r: _Run) -> dict[str, Any]:
     gflop = r.counted["features"] = feature_flops(r.typed) / 1e9
     base, f_b, label = measure_features(r.typed, FastPath(), r.s, gflop, r.peak)
-    r.on_baseline("features", f"FID features: {label}", r.s.feature_batch, gflop, base)
+    what = f"FID features: {label}"
+    r.on_baseline("features", what, r.s.feature_batch, gflop, base)
     fast, f_f, _ = measure_features(r.typed, r.s.fast, r.s, gflop, r.peak)
-    return _row("features", f"FID features: {label}", r.s.feature_batch, gflop, base, fast, r.experiment,
-                r.device_info, _compare(f_f, f_b))
+    return _row("features", what, r.s.feature_batch, gflop, base, fast, r.experiment, r.device_info,
+                _compare(f_f, f_b))
 
 
 ROW_MEASURES: dict[str, Callable[[_Run], Optional[dict[str, Any]]]] = {
