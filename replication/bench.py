@@ -335,6 +335,8 @@ def measure_train(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: Ben
         return forward(x_in, tt) if labels is None else forward(x_in, tt, y=labels)
 
     def step() -> None:
+        if fast.compile:  # as the loop: a new iteration for CUDA graph trees
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(fast, device):
             loss = diffusion_loss(denoise, x0, schedule, t, noise, loss_type).mean()
         optimizer.zero_grad(set_to_none=True)

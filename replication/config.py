@@ -23,6 +23,19 @@ class ExperimentKind(str, enum.Enum):
     autoencoder = "autoencoder"  # prepare -> autoencoder -> reconstruction metrics -> report
 
 
+# torch.compile's modes (torch._inductor.list_mode_options; "lite" left out, it is an opt-in subset). null in a
+# config is inductor's default. "reduce-overhead" and "max-autotune" add CUDA graphs (replayed kernel launches).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: Optional[str], key: str) -> Optional[str]:
+    """`mode` if torch.compile accepts it (None: inductor's default); ConfigError naming `key` otherwise.
+    Checked when the config is read, not when a GPU run first compiles (CPU runs never compile the sampler)."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ConfigError(f"{key} must be null or one of {', '.join(COMPILE_MODES)}; got {mode!r}")
+    return mode
+
+
 class Precision(str, enum.Enum):
     fp32 = "fp32"
     bf16 = "bf16"  # autocast with fp32 master weights
@@ -57,6 +70,7 @@ class TrainerConfig:
     keep_last_ckpts: int = 2
     precision: Precision = Precision.fp32
     compile: bool = False
+    compile_mode: Optional[str] = None  # with compile: one of COMPILE_MODES, e.g. "reduce-overhead" (CUDA graphs)
     channels_last: bool = False
     fused_adam: bool = False
     gradient_checkpointing: bool = False
@@ -178,6 +192,7 @@ def validate_trainer_cfg(cfg: Any) -> TrainerConfig:
         raise ConfigError(f"trainer.ema_decay must be in [0, 1], got {trainer.ema_decay}")
     if trainer.base_lr <= 0:
         raise ConfigError(f"trainer.base_lr must be > 0, got {trainer.base_lr}")
+    check_compile_mode(trainer.compile_mode, "trainer.compile_mode")
     return trainer
 
 
@@ -209,6 +224,7 @@ def validate_config(cfg: DictConfig) -> dict[str, Any]:
     bad_force = [s for s in typed["root"].force if s not in STAGES and s != "all"]
     if bad_stages or bad_force:
         raise ConfigError(f"unknown stage name(s) {bad_stages + bad_force}; allowed: {', '.join(STAGES)} (force also 'all')")
+    check_compile_mode(typed["root"].sampling_speed.compile_mode, "sampling_speed.compile_mode")
     for group in GROUPS:
         try:
             typed[group] = _resolve(GROUP_VALIDATORS[group])(cfg[group])

@@ -24,6 +24,8 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, 
 import torch
 from torch import nn
 
+from replication.config import ConfigError, check_compile_mode
+
 LEVERS = ("bf16", "channels_last", "compile", "fused_adam")
 GIB = 2 ** 30
 
@@ -57,10 +59,10 @@ class FastPath:
 
     @classmethod
     def from_trainer(cls, trainer: Any) -> "FastPath":
-        """The levers of a typed TrainerConfig (precision bf16, compile, channels_last, fused_adam)."""
+        """The levers of a typed TrainerConfig (precision bf16, compile and its mode, channels_last, fused_adam)."""
         precision = getattr(trainer.precision, "value", trainer.precision)
         return cls(bf16=precision == "bf16", channels_last=bool(trainer.channels_last), compile=bool(trainer.compile),
-                   fused_adam=bool(trainer.fused_adam))
+                   fused_adam=bool(trainer.fused_adam), compile_mode=trainer.compile_mode if trainer.compile else None)
 
     @classmethod
     def parse(cls, spec: str) -> "FastPath":
@@ -73,6 +75,10 @@ class FastPath:
         for name in names:
             if name.startswith("compile:"):
                 name, values["compile_mode"] = "compile", name.split(":", 1)[1]
+                try:
+                    check_compile_mode(values["compile_mode"], f"the mode in {spec!r}")
+                except ConfigError as exc:
+                    raise PerfError(str(exc)) from None
             if name not in LEVERS:
                 raise PerfError(f"unknown speed lever {name!r} in {spec!r}; "
                                 f"allowed: {', '.join(LEVERS)}, 'all', 'none'")

@@ -60,6 +60,20 @@ def _train(tmp, steps, accumulate, ema=None, stop_after=None, model=None, resume
     return model, [r for r in records if r.get("event") == "train"], summary
 
 
+def test_the_loop_compiles_with_the_configured_mode(tmp_path):
+    """trainer.compile_mode reaches torch.compile (e.g. "reduce-overhead" for CUDA graphs on a GPU). An unknown mode
+    is refused by torch.compile itself as the loop wraps the model, before any step (the config check stops it
+    earlier in a real run); with the mode dropped, this loop would compile and train instead."""
+    with pytest.raises(RuntimeError, match="Unrecognized mode=no-such-mode"):
+        _train(tmp_path / "bad", 1, 1, compile=True, compile_mode="no-such-mode")
+    # the compiled loop (inductor's default mode, a new CUDA-graph iteration marked per micro-batch) trains the
+    # same: fp32 arithmetic reordered only (tests/test_numerics.py's bound)
+    _, compiled, _ = _train(tmp_path / "compiled", 3, 2, compile=True, compile_mode="default")
+    _, eager, _ = _train(tmp_path / "eager", 3, 2)
+    assert [r["step"] for r in compiled] == [r["step"] for r in eager] == [1, 2, 3]
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-5)
+
+
 def _replayed_mean_loss(model: nn.Module, micro: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """The first step's loss replayed by hand with the loop's draws in its documented order: per micro-batch the
     data order's indices (this rank's slice), then t, then eps, from the rank's generator (seed * world + rank)."""

@@ -214,6 +214,10 @@ def test_fast_path_defaults_and_parsing():
     paper = FastPath.from_trainer(compose_typed(["experiment=lsun_churches_ldm8"])["trainer"])
     assert paper.levers() == ["bf16", "channels_last", "compile", "fused_adam"]
     assert FastPath.from_trainer(compose_typed(["experiment=smoke"])["trainer"]).levers() == []
+    graphs = compose_typed(["experiment=lsun_churches_ldm8", "trainer.compile_mode=reduce-overhead"])["trainer"]
+    assert FastPath.from_trainer(graphs).describe() == "bf16+channels_last+compile:reduce-overhead+fused_adam"
+    with pytest.raises(PerfError, match="'reduce_overhead'"):
+        FastPath.parse("bf16,compile:reduce_overhead")
     assert not FastPath.for_device("cpu").compile
     assert FastPath.parse("all").only("bf16", "channels_last").levers() == ["bf16", "channels_last"]
 

@@ -88,6 +88,17 @@ def test_bad_enum_value_lists_allowed_values():
         validate_config(cfg)
 
 
+@pytest.mark.parametrize("key", ["trainer.compile_mode", "sampling_speed.compile_mode"])
+def test_compile_modes_are_checked_when_the_config_is_read(key):
+    """A mistyped torch.compile mode fails at once, naming the key, not on the first GPU compile hours later
+    (on a CPU the sampler never compiles, so the value would not be looked at)."""
+    with pytest.raises(ConfigError, match=rf"{key}.*reduce-overhead.*'reduce_overhead'"):
+        validate_config(compose(["experiment=smoke", f"{key}=reduce_overhead"]))
+    typed = validate_config(compose(["experiment=smoke", f"{key}=reduce-overhead"]))
+    section = typed["trainer"] if key.startswith("trainer.") else typed["root"].sampling_speed
+    assert section.compile_mode == "reduce-overhead"
+
+
 def test_unknown_stage_name_rejected():
     cfg = compose(["experiment=smoke", "force=[trian_ldm]"])
     with pytest.raises(ConfigError, match="trian_ldm"):

@@ -101,7 +101,7 @@ def _import_pretrained(ctx: StageContext) -> dict[str, Any]:
 # Trainer settings that may change between a checkpoint and its resume: they leave the trajectory alone (or,
 # for batch_size/accumulate_grad_batches, only through the global batch, which is in the key itself).
 RESUMABLE_TRAINER_CHANGES = frozenset({
-    "steps", "log_every", "ckpt_every", "keep_last_ckpts", "precision", "compile", "channels_last", "fused_adam",
+    "steps", "log_every", "ckpt_every", "keep_last_ckpts", "precision", "compile", "compile_mode", "channels_last", "fused_adam",
     "gradient_checkpointing", "pin_memory", "use_latent_cache", "eval_every", "eval_num_samples",
     "allow_world_size_change", "batch_size", "accumulate_grad_batches", "pretrained", "pretrained_use_ema", "source"})
 
@@ -204,8 +204,9 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         weight_decay=trainer.weight_decay, adam_betas=tuple(trainer.adam_betas), loss_type=diffusion.loss(),
         grad_clip=trainer.grad_clip, log_every=trainer.log_every, ckpt_every=trainer.ckpt_every,
         keep_last=trainer.keep_last_ckpts, seed=ctx.root.seed, bf16=trainer.precision == Precision.bf16,
-        channels_last=trainer.channels_last, compile=trainer.compile, fused_adam=trainer.fused_adam,
-        snapshot_every=trainer.eval_every, progress=ctx.progress, accumulate=trainer.accumulate_grad_batches,
+        channels_last=trainer.channels_last, compile=trainer.compile, compile_mode=trainer.compile_mode,
+        fused_adam=trainer.fused_adam, snapshot_every=trainer.eval_every, progress=ctx.progress,
+        accumulate=trainer.accumulate_grad_batches,
         ema_every_micro_batch=trainer.ema_every_micro_batch, pin_memory=trainer.pin_memory,
         allow_world_size_change=trainer.allow_world_size_change)
     summary = train_loop(unet, ema, schedule, batch_fn, num_items, settings, ctx.run_dir / LDM_STATE_DIR, ctx.stats,

@@ -50,6 +50,7 @@ class LoopSettings:
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
+    compile_mode: Optional[str] = None  # torch.compile mode (None: inductor's default; "reduce-overhead": CUDA graphs)
     fused_adam: bool = False
     snapshot_every: int = 0  # write EMA weights every N steps (Fig. 6 curve)
     progress: bool = True
@@ -179,7 +180,7 @@ def train_loop(
     if dist.enabled:
         ddp = forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if settings.compile:
-        forward_model = torch.compile(forward_model)
+        forward_model = torch.compile(forward_model, mode=settings.compile_mode)
 
     def denoiser_for(cond: Optional[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -254,6 +255,8 @@ def train_loop(
                               settings.pin_memory)
                 noise = to_device(torch.randn(x0.shape, generator=generator), device, settings.pin_memory)
                 last_micro = micro == settings.accumulate - 1
+                if settings.compile:  # a new iteration for CUDA graph trees (compile modes with CUDA graphs)
+                    torch.compiler.cudagraph_mark_step_begin()
                 # DDP all-reduces gradients on the last micro-batch of a step only
                 with (ddp.no_sync() if ddp is not None and not last_micro else nullcontext()):
                     with autocast:
