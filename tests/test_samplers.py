@@ -189,6 +189,51 @@ def test_ddim_determinism_and_batch_size_independence_eta1():
     assert not torch.allclose(other, full)
 
 
+def test_per_sample_noise_is_each_seeds_own_stream():
+    """Row i of a draw is torch.randn(shape[1:]) from a CPU generator seeded with seed i, draw after draw, in any
+    dtype asked for: values that do not depend on the batch, the device or the other samples."""
+    seeds, shape = [5, 1 << 40, 5], (3, 2, 4, 4)
+    rng = StackedRandomGenerator(seeds)
+    own = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(2):
+        draw = rng.randn(shape)
+        assert draw.dtype == torch.float32 and draw.shape == shape
+        for row, g in zip(draw, own):
+            assert torch.equal(row, torch.randn(shape[1:], generator=g))
+    assert torch.equal(draw[0], draw[2]) and not torch.equal(draw[0], draw[1])
+    like = rng.randn_like(torch.zeros(shape, dtype=torch.float64))
+    assert like.dtype == torch.float64
+    assert torch.equal(like[1], torch.randn(shape[1:], generator=own[1]).double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist on CUDA only")
+def test_ddim_eta1_on_cuda_draws_per_sample_noise_without_a_host_device_sync():
+    """The CPU-drawn per-sample noise of an eta = 1 chain reaches the GPU through page-locked memory without the
+    host waiting: steps 2-8 run under torch.cuda's sync debug mode set to raise. The chain equals the same chain
+    run on the CPU (the same draws), within float32 reordering."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 2, 3, padding=1))
+    net.cuda()
+    seeds = [11, 12, 13]
+    x_T = StackedRandomGenerator(seeds).randn((3, 2, 8, 8))
+
+    def check_from_step_2(i, t, x, pred_x0):
+        if i == 0:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 convolutions, as on the CPU
+            on_gpu = ddim_loop(lambda x, t: net(x), x_T.cuda(), SCHED, 8, eta=1.0,
+                               rng=StackedRandomGenerator([s + 1 for s in seeds], device="cuda"),
+                               callback=check_from_step_2).x
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    net.cpu()
+    on_cpu = ddim_loop(lambda x, t: net(x), x_T, SCHED, 8, eta=1.0, rng=StackedRandomGenerator([s + 1 for s in seeds])).x
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+
+
 def test_ddim_input_checks():
     x = torch.zeros(2, 1, 2, 2)
     with pytest.raises(ValueError, match="rng"):
