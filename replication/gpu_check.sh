@@ -24,8 +24,8 @@
 #   BENCH_ARGS="--steps 1 ..." replaces the paper-shape arguments below; MERGE_TAG names the merged files.
 # After the benchmark, while the time allows (EXTRAS_BUDGET_S, default 560 s since the start, and DEADLINE_S), it
 # runs the CUDA-only tests that are skipped elsewhere (pinned copies, extract() without a host sync, the loss
-# read one step late through pinned memory, training steps and an eta = 1 DDIM chain's per-sample noise without
-# any host-device sync) and the smoke
+# read one step late through pinned memory, LDM and autoencoder training steps and an eta = 1 DDIM chain's
+# per-sample noise without any host-device sync) and the smoke
 # experiment through the real stages with trainer=default (bf16, compile, channels_last, fused AdamW,
 # pinned memory, compiled sampling); logs go to OUT_DIR/<tag>-extras/. EXTRAS=0 skips them; SMOKE_OVERRIDES
 # adds overrides (the CPU rehearsal switches compile off).
@@ -184,6 +184,7 @@ if [ "$EXTRAS" = 1 ]; then
     echo "== CUDA-only tests (limit $(( left < 90 ? left : 90 ))s)"
     timeout --kill-after=10 $(( left < 90 ? left : 90 )) "$PY" -m pytest -q -p no:cacheprovider -k cuda \
       tests/test_schedule.py tests/test_accumulation.py tests/test_loss_reader.py tests/test_samplers.py \
+      tests/test_ae_trainer.py \
       > "$extras/cuda-tests.log" 2>&1
     echo "   exit status $? (log: $extras/cuda-tests.log)"; tail -3 "$extras/cuda-tests.log"
     [ -n "${COPY_TO:-}" ] && cp -r "$extras" "$COPY_TO"/

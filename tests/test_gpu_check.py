@@ -70,7 +70,7 @@ def test_rehearsal_on_the_cpu_writes_the_merged_table(tmp_path):
     assert not list(copy.glob("partial-*.json"))
     # the extras: the CUDA-only tests (skipped on this CPU, not failed) and the smoke chain through the real stages
     extras = out / "rehearsal-extras"
-    assert "5 skipped" in (extras / "cuda-tests.log").read_text()
+    assert "6 skipped" in (extras / "cuda-tests.log").read_text()
     assert "== smoke experiment through the real stages" in proc.stdout
     assert f"exit status 0 (log: {extras / 'smoke-default-trainer.log'})" in proc.stdout
     losses = [json.loads(line) for line in (extras / "train_ldm-stats.jsonl").read_text().splitlines()]
