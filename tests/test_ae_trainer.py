@@ -192,23 +192,16 @@ def test_autoencoder_steps_on_cuda_make_no_host_device_sync(tmp_path):
     adaptive GAN weight, both Adam steps, the discriminator's fresh pass, losses and logs in one tensor read one
     step late) run under torch.cuda's sync debug mode set to raise: no step waits for the GPU. Step 1 (first
     copies) and the final checkpoint are outside the checked window."""
-    data, calls = _images(), {"n": 0}
+    try:
+        from cuda_checks import SyncCheckedSteps
+    except ImportError:
+        from tests.cuda_checks import SyncCheckedSteps
 
-    def images(idx, g):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        elif calls["n"] == 5:
-            torch.cuda.set_sync_debug_mode("default")
-        return data[idx]
-
+    data = _images()
     model, loss_fn = _build(_cfg(disc_start=1))
     model, loss_fn = model.cuda(), loss_fn.cuda()
-    try:
+    with SyncCheckedSteps(lambda idx, g: data[idx]) as images:
         summary = train_autoencoder_loop(model, loss_fn, images, ITEMS, 6, BATCH, lr=1e-3, betas=(0.5, 0.9), seed=4,
                                          state_dir=tmp_path / "s", stats=lambda **r: None, device=torch.device("cuda"),
                                          log_every=1, ckpt_every=1000, progress=False, pin_memory=True)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert summary["step"] == 6 and calls["n"] == 6
+    assert summary["step"] == 6 and images.calls == 6

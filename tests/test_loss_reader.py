@@ -106,28 +106,19 @@ def test_training_steps_on_cuda_make_no_host_device_sync():
     stream sync and is not what the mode checks for."""
     from replication.models.ema import EMA
 
+    try:
+        from cuda_checks import SyncCheckedSteps
+    except ImportError:
+        from tests.cuda_checks import SyncCheckedSteps
+
     data = torch.randn(ITEMS, *SHAPE, generator=torch.Generator().manual_seed(7))
-    calls = {"n": 0}
-
-    def batch_fn(idx, g):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        elif calls["n"] == 5:
-            torch.cuda.set_sync_debug_mode("default")
-        return data[idx], None
-
     model = _Denoiser().cuda()
     settings = LoopSettings(steps=6, batch_size=BATCH, lr=1e-2, lr_lambda=lambda s: 1.0, weight_decay=0.01,
                             adam_betas=(0.9, 0.999), loss_type="l2", grad_clip=None, log_every=1, ckpt_every=1000,
                             keep_last=1, seed=SEED, progress=False, fused_adam=True, pin_memory=True)
     import tempfile
 
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            summary = train_loop(model, EMA(model).cuda(), Schedule.make("linear", 1000, 0.0015, 0.0195), batch_fn,
-                                 ITEMS, settings, Path(tmp) / "state", lambda **r: None, torch.device("cuda"))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert summary["step"] == 6 and math.isfinite(summary["last_loss"]) and calls["n"] == 6
+    with tempfile.TemporaryDirectory() as tmp, SyncCheckedSteps(lambda idx, g: (data[idx], None)) as batch_fn:
+        summary = train_loop(model, EMA(model).cuda(), Schedule.make("linear", 1000, 0.0015, 0.0195), batch_fn,
+                             ITEMS, settings, Path(tmp) / "state", lambda **r: None, torch.device("cuda"))
+    assert summary["step"] == 6 and math.isfinite(summary["last_loss"]) and batch_fn.calls == 6
