@@ -17,7 +17,9 @@ Rows (each measured for the eager fp32 baseline and for the fast path, same weig
 - features: the FID feature extractor on uint8 images (lever: channels_last only; features stay fp32 because
             bf16 features would move FID).
 For each: GFLOP per image (torch.utils.flop_counter on fake tensors), img/s, achieved TFLOP/s, MFU against the
-bf16 matrix-multiply peak measured in this run, peak memory, and the fast/baseline ratio. Output:
+bf16 matrix-multiply peak measured in this run, peak memory, and the fast/baseline ratio. With --profile N, N more
+calls of each path run under torch.profiler: GPU kernel time (CPU: operator time) per category (convolution,
+matmul, attention, normalization, ...) and, on CUDA, how busy the GPU is. Output:
 <out>/<tag>.json and <out>/<tag>.md, rewritten after every row so a run cut short keeps what it measured.
 """
 from __future__ import annotations
@@ -39,8 +41,9 @@ from unittest import mock
 import torch
 from torch import nn
 
-from replication.perf import (FastForward, FastPath, PeakMemory, autocast, count_flops, cuda_flags, free_device_memory,
-                              make_adamw, matmul_peak_tflops, nonzero_init_, prepare_module, relative_error, time_fn,
+from replication.perf import (OTHER_CATEGORY, PROFILE_CATEGORIES, FastForward, FastPath, PeakMemory, autocast,
+                              count_flops, cuda_flags, free_device_memory, make_adamw, matmul_peak_tflops,
+                              nonzero_init_, prepare_module, profile_breakdown, relative_error, time_fn,
                               to_memory_format)
 from replication.utils.io import atomic_write_json, atomic_write_text, read_json
 
@@ -93,6 +96,7 @@ class BenchSettings:
     rows: tuple[str, ...] = ROWS
     compile_autoencoder: bool = False
     seed: int = 0
+    profile: int = 0  # >0: torch.profiler over this many extra calls of each path (the sampling row: one run)
 
 
 class BenchError(ValueError):
@@ -271,10 +275,17 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _first_line(exc: BaseException) -> str:
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first_line}"[:300]
+
+
 def _measure(step: Callable[[], Any], device: torch.device, warmup: int, iters: int, images_per_call: int,
-             gflop_per_image: float, peak_tflops: float, fast: FastPath) -> dict[str, Any]:
+             gflop_per_image: float, peak_tflops: float, fast: FastPath, profile_iters: int = 0) -> dict[str, Any]:
     """Warm up (compilation happens here), reset the memory peak, time `iters` calls: the steady state. A failure
-    (out of memory, a compile error) is recorded in the result's `error` instead of ending the run."""
+    (out of memory, a compile error) is recorded in the result's `error` instead of ending the run. With
+    `profile_iters`, that many more calls run under torch.profiler (after the timing and the memory peak):
+    the result's `profile` says where the time goes."""
     mem = PeakMemory(device)
     result: dict[str, Any] = {"levers": fast.levers() or ["eager fp32"], "error": None}
     try:
@@ -285,8 +296,7 @@ def _measure(step: Callable[[], Any], device: torch.device, warmup: int, iters: 
         first_line = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         result["error"] = f"out of memory: {first_line}"
     except Exception as exc:  # noqa: BLE001 - one failed path (e.g. a compile error) must not lose the other rows
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        result["error"] = f"{type(exc).__name__}: {first_line}"[:300]
+        result["error"] = _first_line(exc)
     if result["error"] is not None:
         # outside the except block, the traceback (and the failed step's tensors) is gone: free the memory
         # before the next path is measured
@@ -297,6 +307,11 @@ def _measure(step: Callable[[], Any], device: torch.device, warmup: int, iters: 
     result.update(img_per_s=img_per_s, seconds_per_iter=timing.seconds_per_iter, iters=timing.iters,
                   warmup_seconds=(warm.seconds_per_iter * warm.iters) if warm else 0.0, tflops=tflops,
                   mfu=tflops / peak_tflops, peak_mem_gib=mem.peak_gib(), peak_mem_kind=mem.kind)
+    if profile_iters:
+        try:
+            result["profile"] = profile_breakdown(step, device, profile_iters, timing.seconds_per_iter)
+        except Exception as exc:  # noqa: BLE001 - a profiler failure (e.g. no CUPTI) keeps the measured timing
+            result["profile_error"] = _first_line(exc)
     return result
 
 
@@ -347,7 +362,7 @@ def measure_train(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: Ben
         # as the loop: the step's loss is read one step late, so the host never waits for the GPU
         reads.extend(reader.push(len(reads), loss.detach().float().reshape(1)))
 
-    result = _measure(step, device, s.warmup, s.iters, s.batch, gflop, peak, fast)
+    result = _measure(step, device, s.warmup, s.iters, s.batch, gflop, peak, fast, s.profile)
     reads.extend(reader.flush())
     del model, forward, ema, optimizer
     free_device_memory(device)
@@ -385,7 +400,7 @@ def measure_sample(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: Be
     n_run = len(ddim_timesteps(s.sample_steps, schedule.num_timesteps, typed["sampler"].spacing))
     # one call of n_run steps = n_run / n_quote of a quoted sample set; as images/call that is batch * n_run / n_quote
     result = _measure(lambda: run(s.sample_steps), device, min(s.warmup, 1), 1, s.sample_batch * n_run / n_quote,
-                      gflop_step * n_quote, peak, fast.only("bf16", "channels_last", "compile"))
+                      gflop_step * n_quote, peak, fast.only("bf16", "channels_last", "compile"), min(s.profile, 1))
     result.update(steps_run=n_run, steps_quoted=n_quote)
     final = out[0].float().cpu() if out else None
     del unet, call, denoiser
@@ -414,7 +429,7 @@ def measure_first_stage(typed: dict[str, Any], base: nn.Module, fast: FastPath, 
         with torch.no_grad():
             out[:] = [call(x)]
 
-    result = _measure(step, device, s.warmup, s.iters, s.ae_batch, gflop, peak, fast)
+    result = _measure(step, device, s.warmup, s.iters, s.ae_batch, gflop, peak, fast, s.profile)
     final = out[0].float().cpu() if out else None
     del ae, call
     free_device_memory(device)
@@ -436,7 +451,7 @@ def measure_features(typed: dict[str, Any], fast: FastPath, s: BenchSettings, gf
         with torch.no_grad():
             out[:] = [call(images)]
 
-    result = _measure(step, device, s.warmup, s.iters, s.feature_batch, gflop, peak, fast)
+    result = _measure(step, device, s.warmup, s.iters, s.feature_batch, gflop, peak, fast, s.profile)
     final = None
     if out:
         first = out[0]
@@ -696,6 +711,7 @@ def _section(rep: dict[str, Any]) -> list[str]:
             lines += [f"Row {pending['row']} ({pending['what']}, batch {pending['batch']}): the eager fp32 baseline "
                       f"finished ({_rate(b)} img/s, MFU {_pct(b)}, peak {_fmt(b.get('peak_mem_gib'), 2)} GiB); the "
                       f"fast path ({rep['fast_path']}) did not (still compiling or running when the run stopped)."]
+    lines += _profile_lines(rep["rows"])
     if rep.get("numerics"):
         errors = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in rep["numerics"].items())
         lines += ["", "Fast path vs eager fp32 on the same weights and inputs, relative L2 error (train: of the first "
@@ -709,6 +725,33 @@ def _section(rep: dict[str, Any]) -> list[str]:
     if kinds:
         lines += ["", f"Peak memory: {', '.join(kinds)} during the timed iterations."]
     return lines + [""]
+
+
+PROFILE_COLUMNS = tuple(name for name, _ in PROFILE_CATEGORIES) + (OTHER_CATEGORY,)
+
+
+def _profile_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The rows' torch.profiler breakdowns (bench --profile), one table line per measured path."""
+    profiled = [(row, label, row[path]) for row in rows for path, label in (("baseline", "eager fp32"), ("fast", "fast"))
+                if row[path].get("profile") or row[path].get("profile_error")]
+    if not profiled:
+        return []
+    kinds = sorted({m["profile"]["time_kind"] for _, _, m in profiled if m.get("profile")})
+    lines = ["", f"Where the time goes (torch.profiler, share of the {' / '.join(kinds) or 'profiled time'} per "
+             "category; busy = GPU kernel time / unprofiled wall time per call, well below 100% means the GPU "
+             "waits for the host):", "",
+             "| row | path | ms/call profiled | busy | " + " | ".join(PROFILE_COLUMNS) + " | top 3 |",
+             "|---|---|---|---|" + "---|" * len(PROFILE_COLUMNS) + "---|"]
+    for row, label, mode in profiled:
+        prof = mode.get("profile")
+        if not prof:
+            lines.append(f"| {row['row']} | {label} | profiler failed: {mode['profile_error']} |")
+            continue
+        busy = f"{_fmt(prof['busy_fraction'] * 100)}%" if prof.get("busy_fraction") is not None else "-"
+        shares = [f"{_fmt(prof['categories'].get(c, 0.0) * 100)}%" for c in PROFILE_COLUMNS]
+        top = "; ".join(f"{t['name'][:60]} {_fmt(t['share'] * 100)}%" for t in prof["top"][:3]).replace("|", "/")
+        lines.append("| " + " | ".join([row["row"], label, _fmt(prof["ms_per_iter"], 2), busy, *shares, top]) + " |")
+    return lines
 
 
 def target_summary(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -817,6 +860,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "all | none (default: on where they help on this device)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--compile-autoencoder", action="store_true", help="also torch.compile the encoder/decoder")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, N more calls of each path under torch.profiler: where the time goes "
+                        "(GPU kernel time per category, and how busy the GPU is); the sampling row profiles one run")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reports/benchmarks", help="output folder")
@@ -847,7 +893,7 @@ def settings_from_args(args: argparse.Namespace, typed: dict[str, Any]) -> Bench
         iters=pick(args.steps, d["iters"], "steps"),
         warmup=d["warmup"] if args.warmup is None else max(0, args.warmup),
         sample_steps=pick(args.sample_steps, d["sample_steps"], "sample-steps"), fast=fast, rows=rows,
-        compile_autoencoder=args.compile_autoencoder, seed=args.seed)
+        compile_autoencoder=args.compile_autoencoder, seed=args.seed, profile=max(0, args.profile))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -5,7 +5,9 @@
 #   celebahq_ldm4       (Table 1, LDM-4 VQ, U-Net 274,056,163 params)  train batch 48
 # with sampling at batch 256 (the batch of the original-code measurement in shared/ANCHORS.md), timed over
 # 10 DDIM steps and quoted per image at 200 steps. The fast path is every lever (bf16 autocast + channels_last +
-# torch.compile + fused AdamW) unless an entry names its own.
+# torch.compile + fused AdamW) unless an entry names its own. After its timing, each path runs 2 more calls under
+# torch.profiler (bench --profile 2; the sampling row one run): GPU kernel time per category and how busy the GPU
+# is, for the low-MFU rows (Churches training ran at 21% MFU on the H200).
 # Writes reports/benchmarks/<device>.json and <device>.md (device e.g. nvidia-h200) and prints the table.
 #
 # Plan (EXPERIMENTS): entries NAME:BATCH[@ROWS[@FAST]][=SECONDS]; the default (DEFAULT_PLAN below) measures what the
@@ -116,7 +118,8 @@ start=$(date +%s)
 if [ -n "${BENCH_ARGS:-}" ]; then
   read -r -a SHAPE_ARGS <<< "$BENCH_ARGS"
 else
-  SHAPE_ARGS=(--steps 5 --warmup 2 --sample-batch 256 --sample-steps 10 --ae-batch 16 --feature-batch 100 --fast all)
+  SHAPE_ARGS=(--steps 5 --warmup 2 --sample-batch 256 --sample-steps 10 --ae-batch 16 --feature-batch 100 --fast all
+              --profile 2)
 fi
 COMMON=(--device "$DEVICE" "${SHAPE_ARGS[@]}" --out "$TMP" --no-table)
 

@@ -268,6 +268,78 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, iters: int, warmu
     return Timing((time.perf_counter() - t1) / iters, iters, t1 - t0)
 
 
+# Kernel (GPU) or operator (CPU) names -> where the time goes, first match wins. cuDNN convolution kernels carry
+# "implicit_gemm"/"fprop"/"dgrad"/"wgrad" in their names, so convolution is matched before matmul; inductor's
+# Triton templates for matmuls are "triton_tem_*", its fused pointwise/reduction kernels "triton_poi/red/per_*".
+PROFILE_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("convolution", r"conv(?!ert)|cudnn|implicit_gemm|fprop|dgrad|wgrad|winograd"),
+    ("matmul", r"gemm|cublas|cutlass|nvjet|matmul|aten::mm\b|aten::addmm|aten::bmm|aten::linear|triton_tem"),
+    # eager GroupNorm on CUDA: RowwiseMoments + ComputeFusedParams forward, GammaBeta/InternalGradients backward
+    ("normalization", r"norm|rowwisemoments|fusedparams|gammabeta|internalgradients"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("copy", r"memcpy|memset|copy|contiguous|aten::cat\b|nchwtonhwc|nhwctonchw|transpose"),
+    ("fused (inductor)", r"triton"),
+)
+OTHER_CATEGORY = "elementwise and other"
+
+
+def profile_category(name: str) -> str:
+    """The PROFILE_CATEGORIES bucket of a kernel or operator name (case-insensitive), else OTHER_CATEGORY."""
+    import re
+
+    low = name.lower()
+    for category, pattern in PROFILE_CATEGORIES:
+        if re.search(pattern, low):
+            return category
+    return OTHER_CATEGORY
+
+
+def profile_breakdown(fn: Callable[[], Any], device: torch.device | str, iters: int,
+                      seconds_per_iter: Optional[float] = None, top: int = 8) -> dict[str, Any]:
+    """Where the time of `fn()` goes, from torch.profiler over `iters` calls: on CUDA the kernels' GPU time, on the
+    CPU the operators' self time summed over threads. Per category (PROFILE_CATEGORIES) and the `top` names, as
+    ms per call and share. On CUDA, `busy_fraction` = kernel time per call / `seconds_per_iter` (the unprofiled
+    wall time): well below 1 means the GPU waits for the host (launch-bound: CUDA graphs help)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if iters < 1:
+        raise PerfError(f"need iters >= 1 to profile, got {iters}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn()
+        synchronize(device)
+    events = prof.key_averages()
+    if cuda:
+        timed = [(e.key, e.self_device_time_total, e.count) for e in events if e.device_type == DeviceType.CUDA]
+        if not timed:  # kernels folded into their operators
+            timed = [(e.key, e.self_device_time_total, e.count) for e in events if e.self_device_time_total > 0]
+    else:
+        timed = [(e.key, e.self_cpu_time_total, e.count) for e in events
+                 if e.self_cpu_time_total > 0 and not e.key.startswith(("ProfilerStep", "[memory]"))]
+    total_us = sum(t for _, t, _ in timed)
+    if total_us <= 0:
+        raise PerfError("the profiler recorded no timed kernels or operators")
+    categories: dict[str, float] = {}
+    for name, t, _ in timed:
+        category = profile_category(name)
+        categories[category] = categories.get(category, 0.0) + t
+    ms_per_iter = total_us / 1e3 / iters
+    busy = ms_per_iter / 1e3 / seconds_per_iter if cuda and seconds_per_iter else None
+    return {
+        "iters": iters, "time_kind": "GPU kernel time" if cuda else "CPU operator self time (all threads)",
+        "ms_per_iter": ms_per_iter, "busy_fraction": busy,
+        "categories": {k: v / total_us for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": name, "share": t / total_us, "ms_per_iter": t / 1e3 / iters, "calls_per_iter": n / iters}
+                for name, t, n in sorted(timed, key=lambda x: -x[1])[:top]],
+    }
+
+
 class PeakMemory:
     """Peak memory since `reset()`: CUDA `max_memory_allocated`, or on a Linux CPU the process's peak resident
     set (VmHWM, reset through /proc/self/clear_refs). `peak_gib()` is None where neither is available."""

@@ -14,7 +14,8 @@ from torch import nn
 from replication.bench import (MIN_TRAIN_SPEEDUP, ORIGINAL_GFLOP, ROWS, SAMPLE_QUOTE_STEPS, TARGETS, BenchError,
                                compose_typed, first_stage_flops, main, merge_reports, parse_args, run_bench,
                                settings_from_args, unet_flops, verdict)
-from replication.perf import FastPath, PeakMemory, PerfError, count_flops, matmul_peak_tflops, time_fn
+from replication.perf import (OTHER_CATEGORY, FastPath, PeakMemory, PerfError, count_flops, matmul_peak_tflops,
+                              profile_breakdown, profile_category, time_fn)
 
 # every lever but compile, which takes ~45 s on this CPU (see the slow test in tests/test_numerics.py)
 FAST = "bf16,channels_last,fused_adam"
@@ -235,6 +236,73 @@ def test_timing_memory_and_peak_helpers():
     block = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
     assert mem.peak_gib() - before >= 0.9 * 64 / 1024
     del block
+
+
+# Kernel names as CUDA traces of these networks show them (cuDNN, cuBLAS and nvjet, FlashAttention and the
+# memory-efficient kernel, inductor's Triton kernels, ATen's own), and CPU operator names.
+KERNELS = {
+    "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1_"
+    "execute_segment_k_off_kernel__5x_cudnn": "convolution",
+    "sm80_xmma_wgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize64x64x64_stage4_warpsize2x2x1_"
+    "g1_tensor16x8x16_execute_kernel__5x_cudnn": "convolution",
+    "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<32, 128, 128, 4, false, false, cutlass::bfloat16_t, "
+    "Flash_kernel_traits<32, 128, 128, 4, cutlass::bfloat16_t> >, false, false, false, false, true, true, false, "
+    "false>(pytorch_flash::Flash_fwd_params)": "attention",
+    "fmha_cutlassB_f32_aligned_64x64_k32_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<cutlass::arch::Sm80, "
+    "float, true, false, true, 64, 64, 32, false>::Params)": "attention",
+    "nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NTN": "matmul",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_"
+    "cublas": "matmul",
+    "triton_tem_fused_addmm_0": "matmul",
+    "triton_red_fused_native_group_norm_silu_3": "normalization",
+    "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>(long, float, float const*, float*, "
+    "float*)": "normalization",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    "TensorListMetadata<5>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 5, "
+    "(at::native::ADAM_MODE)1, false> >": "optimizer",
+    "Memcpy HtoD (Pinned -> Device)": "copy",
+    "triton_poi_fused_add_mul_silu_7": "fused (inductor)",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, std::array<char*, 3ul> >"
+    "(int, at::native::CUDAFunctor_add<float>, std::array<char*, 3ul>)": OTHER_CATEGORY,
+    "aten::mkldnn_convolution": "convolution", "aten::convolution_backward": "convolution",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::addmm": "matmul",
+    "aten::native_group_norm": "normalization", "aten::copy_": "copy", "aten::silu": OTHER_CATEGORY,
+}
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_profile_categories_of_real_kernel_names(name):
+    assert profile_category(name) == KERNELS[name]
+
+
+def test_profile_breakdown_says_where_the_time_goes():
+    """A convolution-heavy step: the profiler's operator times put most of it in convolution, shares add up."""
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(8, 16, 32, 32)
+    prof = profile_breakdown(lambda: F.silu(conv(x)).sum().backward(), "cpu", iters=2)
+    assert prof["iters"] == 2 and prof["busy_fraction"] is None and prof["ms_per_iter"] > 0
+    assert sum(prof["categories"].values()) == pytest.approx(1.0)
+    assert max(prof["categories"], key=prof["categories"].get) == "convolution"
+    assert prof["top"][0]["name"].startswith("aten::") and prof["top"][0]["calls_per_iter"] >= 1
+    assert [t["share"] for t in prof["top"]] == sorted((t["share"] for t in prof["top"]), reverse=True)
+    with pytest.raises(PerfError, match="iters >= 1"):
+        profile_breakdown(lambda: None, "cpu", iters=0)
+
+
+def test_bench_profile_rows_and_table(tmp_path):
+    """--profile N: each measured path of each row carries its breakdown, and the markdown shows it."""
+    assert main(["experiment=smoke", "--device", "cpu", "--batch", "2", "--sample-batch", "2", "--steps", "1",
+                 "--warmup", "1", "--sample-steps", "1", "--rows", "train,sample", "--fast", FAST, "--profile", "1",
+                 "--out", str(tmp_path), "--tag", "prof", "--quiet"]) == 0
+    report = json.loads((tmp_path / "prof.json").read_text())
+    assert report["settings"]["profile"] == 1
+    for row in report["rows"]:
+        for path in ("baseline", "fast"):
+            prof = row[path]["profile"]
+            assert prof["categories"]["convolution"] > 0.2 and sum(prof["categories"].values()) == pytest.approx(1)
+    table = (tmp_path / "prof.md").read_text()
+    assert "Where the time goes" in table
+    assert "| train | eager fp32 |" in table and "| sample | fast |" in table
 
 
 def test_a_failed_path_is_recorded_not_fatal():
