@@ -300,7 +300,9 @@ def profile_breakdown(fn: Callable[[], Any], device: torch.device | str, iters: 
     """Where the time of `fn()` goes, from torch.profiler over `iters` calls: on CUDA the kernels' GPU time, on the
     CPU the operators' self time summed over threads. Per category (PROFILE_CATEGORIES) and the `top` names, as
     ms per call and share. On CUDA, `busy_fraction` = kernel time per call / `seconds_per_iter` (the unprofiled
-    wall time): well below 1 means the GPU waits for the host (launch-bound: CUDA graphs help)."""
+    wall time): well below 1 means the GPU waits for the host (launch-bound: CUDA graphs help). Kernels replayed
+    inside CUDA graphs (compile mode reduce-overhead) may be missing from the trace, so read that path's numbers
+    as a lower bound."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
