@@ -732,7 +732,8 @@ PROFILE_COLUMNS = tuple(name for name, _ in PROFILE_CATEGORIES) + (OTHER_CATEGOR
 
 def _profile_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The rows' torch.profiler breakdowns (bench --profile), one table line per measured path."""
-    profiled = [(row, label, row[path]) for row in rows for path, label in (("baseline", "eager fp32"), ("fast", "fast"))
+    paths = (("baseline", "eager fp32"), ("fast", "fast"))
+    profiled = [(row, label, row[path]) for row in rows for path, label in paths
                 if row[path].get("profile") or row[path].get("profile_error")]
     if not profiled:
         return []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -286,8 +287,6 @@ OTHER_CATEGORY = "elementwise and other"
 
 def profile_category(name: str) -> str:
     """The PROFILE_CATEGORIES bucket of a kernel or operator name (case-insensitive), else OTHER_CATEGORY."""
-    import re
-
     low = name.lower()
     for category, pattern in PROFILE_CATEGORIES:
         if re.search(pattern, low):

@@ -230,7 +230,8 @@ def test_ddim_eta1_on_cuda_draws_per_sample_noise_without_a_host_device_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     net.cpu()
-    on_cpu = ddim_loop(lambda x, t: net(x), x_T, SCHED, 8, eta=1.0, rng=StackedRandomGenerator([s + 1 for s in seeds])).x
+    on_cpu = ddim_loop(lambda x, t: net(x), x_T, SCHED, 8, eta=1.0,
+                       rng=StackedRandomGenerator([s + 1 for s in seeds])).x
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
 
 

@@ -101,8 +101,8 @@ def _import_pretrained(ctx: StageContext) -> dict[str, Any]:
 # Trainer settings that may change between a checkpoint and its resume: they leave the trajectory alone (or,
 # for batch_size/accumulate_grad_batches, only through the global batch, which is in the key itself).
 RESUMABLE_TRAINER_CHANGES = frozenset({
-    "steps", "log_every", "ckpt_every", "keep_last_ckpts", "precision", "compile", "compile_mode", "channels_last", "fused_adam",
-    "gradient_checkpointing", "pin_memory", "use_latent_cache", "eval_every", "eval_num_samples",
+    "steps", "log_every", "ckpt_every", "keep_last_ckpts", "precision", "compile", "compile_mode", "channels_last",
+    "fused_adam", "gradient_checkpointing", "pin_memory", "use_latent_cache", "eval_every", "eval_num_samples",
     "allow_world_size_change", "batch_size", "accumulate_grad_batches", "pretrained", "pretrained_use_ema", "source"})
 
 
