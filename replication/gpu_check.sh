@@ -46,9 +46,10 @@ PER_EXPERIMENT_S=${PER_EXPERIMENT_S:-205}
 DEVICE=${DEVICE:-cuda}
 # What the H200 session of 2026-11-27 left unmeasured, most wanted first (its results: reports/benchmarks/nvidia-h200.md):
 # CelebA-HQ compiled sampling (the fourth target row); the Churches training step compiled after the EMA sync fix
-# (a cold compile of it took over 3 minutes there); the same with CUDA graphs, which reuses most of that compile
-# (inductor's caches); the first-stage and FID-feature rows of both (no compile).
-DEFAULT_PLAN="celebahq_ldm4:48@sample=170 lsun_churches_ldm8:96@train=250 \
+# (a cold compile of it took over 3 minutes there, so it gets 280 s; its profile says whether the GPU waits for
+# the host); the same with CUDA graphs, which reuses most of that compile (inductor's caches) if time is left; the
+# first-stage and FID-feature rows of both (no compile).
+DEFAULT_PLAN="celebahq_ldm4:48@sample=170 lsun_churches_ldm8:96@train=280 \
 lsun_churches_ldm8:96@train@bf16,channels_last,compile:reduce-overhead,fused_adam=120 \
 lsun_churches_ldm8:96@decode,encode,features=60 celebahq_ldm4:48@decode,encode,features=60"
 EXPERIMENTS=${EXPERIMENTS:-$DEFAULT_PLAN}
