@@ -1,4 +1,4 @@
-"""Helper of the CUDA-only tests: a window of a training loop's steps in which any host-device sync raises."""
+"""Helper of the CUDA-only tests: a window of a loop's steps in which any host-device sync raises."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -7,10 +7,10 @@ import torch
 
 
 class SyncCheckedSteps:
-    """Wraps a loop's per-micro-batch data function. From its `start`-th call (after a full synchronize, so the
-    earlier steps' work is done) until its `stop`-th call, torch.cuda's sync debug mode is "error": any host-device
-    sync in those steps raises where it happens. As a context manager it resets the mode on exit, also when a sync
-    raised. `calls` counts the calls."""
+    """Wraps a function a loop calls once per step (a training loop's data function, a sampler's callback). From
+    its `start`-th call (after a full synchronize, so the earlier steps' work is done) until its `stop`-th call,
+    torch.cuda's sync debug mode is "error": any host-device sync in those steps raises where it happens. As a
+    context manager it resets the mode on exit, also when a sync raised. `calls` counts the calls."""
 
     def __init__(self, fn: Callable[..., Any], start: int = 2, stop: int = 5):
         self.fn, self.start, self.stop, self.calls = fn, start, stop, 0

@@ -17,6 +17,11 @@ from replication.models.losses import AutoencoderLoss
 from replication.training.ae_trainer import train_autoencoder_loop
 from replication.training.ldm_trainer import DataOrder
 
+try:
+    from cuda_checks import SyncCheckedSteps
+except ImportError:
+    from tests.cuda_checks import SyncCheckedSteps
+
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS, BATCH = 12, 2
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -192,11 +197,6 @@ def test_autoencoder_steps_on_cuda_make_no_host_device_sync(tmp_path):
     adaptive GAN weight, both Adam steps, the discriminator's fresh pass, losses and logs in one tensor read one
     step late) run under torch.cuda's sync debug mode set to raise: no step waits for the GPU. Step 1 (first
     copies) and the final checkpoint are outside the checked window."""
-    try:
-        from cuda_checks import SyncCheckedSteps
-    except ImportError:
-        from tests.cuda_checks import SyncCheckedSteps
-
     data = _images()
     model, loss_fn = _build(_cfg(disc_start=1))
     model, loss_fn = model.cuda(), loss_fn.cuda()

@@ -16,6 +16,11 @@ from replication.training.ldm_trainer import DataOrder, LoopSettings, train_loop
 from replication.training.loss_reader import DeferredLossReader
 from replication.training.signals import TrainingDiverged
 
+try:
+    from cuda_checks import SyncCheckedSteps
+except ImportError:
+    from tests.cuda_checks import SyncCheckedSteps
+
 ITEMS, BATCH, SHAPE, SEED = 24, 4, (2, 4, 4), 3
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -105,11 +110,6 @@ def test_training_steps_on_cuda_make_no_host_device_sync():
     final checkpoint (device-to-host copies) are outside the checked window. The loss read's event wait is not a
     stream sync and is not what the mode checks for."""
     from replication.models.ema import EMA
-
-    try:
-        from cuda_checks import SyncCheckedSteps
-    except ImportError:
-        from tests.cuda_checks import SyncCheckedSteps
 
     data = torch.randn(ITEMS, *SHAPE, generator=torch.Generator().manual_seed(7))
     model = _Denoiser().cuda()

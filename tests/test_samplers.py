@@ -19,6 +19,11 @@ from replication.diffusion.plms import plms_loop, plms_sample
 from replication.diffusion.schedule import Schedule
 from replication.utils.rng import StackedRandomGenerator
 
+try:
+    from cuda_checks import SyncCheckedSteps
+except ImportError:
+    from tests.cuda_checks import SyncCheckedSteps
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHED = Schedule.make("linear", 1000, 0.0015, 0.0195)
 AC = SCHED.alphas_cumprod.numpy()
@@ -217,18 +222,13 @@ def test_ddim_eta1_on_cuda_draws_per_sample_noise_without_a_host_device_sync():
     seeds = [11, 12, 13]
     x_T = StackedRandomGenerator(seeds).randn((3, 2, 8, 8))
 
-    def check_from_step_2(i, t, x, pred_x0):
-        if i == 0:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-
-    try:
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 convolutions, as on the CPU
-            on_gpu = ddim_loop(lambda x, t: net(x), x_T.cuda(), SCHED, 8, eta=1.0,
-                               rng=StackedRandomGenerator([s + 1 for s in seeds], device="cuda"),
-                               callback=check_from_step_2).x
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    # the sampler's callback runs after each step: checked from its first call (after step 1) to the chain's end
+    with (SyncCheckedSteps(lambda *step: None, start=1, stop=9) as check_from_step_2,
+          torch.backends.cudnn.flags(enabled=True, allow_tf32=False)):  # fp32 convolutions, as on the CPU
+        on_gpu = ddim_loop(lambda x, t: net(x), x_T.cuda(), SCHED, 8, eta=1.0,
+                           rng=StackedRandomGenerator([s + 1 for s in seeds], device="cuda"),
+                           callback=check_from_step_2).x
+    assert check_from_step_2.calls == 8
     net.cpu()
     on_cpu = ddim_loop(lambda x, t: net(x), x_T, SCHED, 8, eta=1.0,
                        rng=StackedRandomGenerator([s + 1 for s in seeds])).x
