@@ -97,3 +97,61 @@ def test_two_srun_tasks_run_the_whole_pipeline_once(tmp_path):
     results = _launch_two(bad)
     assert results[0].returncode != 0 and results[1].returncode != 0
     assert "failed on rank 0" in results[1].stderr and "/nonexistent/pt_inception.pth" in results[1].stderr
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A real gloo group of one process (FileStore), plus the long-timeout waiting group made from it."""
+    import torch.distributed as dist
+
+    from replication.training import distributed
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    distributed._waiting_group()
+    yield dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    distributed._wait_group = None
+
+
+def _entry_main(monkeypatch, tmp_path, run):
+    from replication.stages.common import hydra_entry
+
+    monkeypatch.setattr(sys, "argv", ["stage", f"hydra.run.dir={tmp_path / 'hydra'}", "hydra.output_subdir=null",
+                                      "experiment=smoke"])
+    hydra_entry(run)()
+
+
+def test_a_stage_that_ends_normally_destroys_its_process_groups(one_process_group, monkeypatch, tmp_path, capsys):
+    """gloo's threads must not outlive the interpreter: without destroy_process_group, 8 of 30 two-process torchrun
+    exits aborted here ("terminate called without an active exception"), which failed CI once."""
+    from replication.training import distributed
+
+    seen = []
+    _entry_main(monkeypatch, tmp_path, lambda cfg: seen.append(one_process_group.is_initialized()) or {"ok": 1})
+    assert seen == [True]
+    assert not one_process_group.is_initialized() and distributed._wait_group is None
+    assert '"ok": 1' in capsys.readouterr().out
+    distributed.shutdown_distributed()  # a second call (nothing left) is a no-op
+
+
+def test_an_agreed_user_error_destroys_the_groups_but_an_unexpected_one_keeps_them(one_process_group, monkeypatch,
+                                                                                   tmp_path):
+    from replication.config import ConfigError
+
+    def bad_input(cfg):
+        raise ConfigError("trainer.lr: not a number")
+
+    with pytest.raises(SystemExit) as exit_info:
+        _entry_main(monkeypatch, tmp_path, bad_input)
+    assert exit_info.value.code == 2 and not one_process_group.is_initialized()
+
+    one_process_group.init_process_group("gloo", store=one_process_group.FileStore(str(tmp_path / "store2"), 1),
+                                         rank=0, world_size=1)
+
+    def crash(cfg):
+        raise RuntimeError("a bug, possibly on one rank only")
+
+    with pytest.raises(SystemExit) as exit_info:  # Hydra prints the traceback and exits 1
+        _entry_main(monkeypatch, tmp_path, crash)
+    assert exit_info.value.code == 1 and one_process_group.is_initialized()  # another rank may still be in a collective: not waited on

@@ -365,14 +365,20 @@ def hydra_entry(run: Callable[[DictConfig], dict[str, Any]]) -> Callable[[], Non
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
+        from replication.training.distributed import shutdown_distributed
+
         _record_choices(cfg)
         try:
             result = run(cfg)
         except user_errors() as exc:  # a clear message, not a traceback (HYDRA_FULL_ERROR=1 shows it)
+            # every rank raises these together (execute() compares notes first), so all are past their collectives;
+            # an unexpected error keeps its group, since destroying it could wait on a rank still in a collective
+            shutdown_distributed()
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(f"error ({type(exc).__name__}): {exc}", file=sys.stderr)
             sys.exit(2)
+        shutdown_distributed()
         print(json_summary(result))
 
     return _main
