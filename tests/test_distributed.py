@@ -5,9 +5,12 @@ processes on the CPU."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -53,9 +56,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two(overrides: list[str]) -> list[subprocess.CompletedProcess]:
-    """What srun starts for a 2-task step: the same command twice with per-task SLURM variables."""
+def _start_two(overrides: list[str], logs: Path) -> list[subprocess.Popen]:
+    """What srun starts for a 2-task step: the same command twice with per-task SLURM variables. Each task's
+    output (stdout and stderr) goes to logs/rank<r>.log."""
     port = str(_free_port())
+    logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(2):
         e = env()
@@ -64,12 +69,19 @@ def _launch_two(overrides: list[str]) -> list[subprocess.CompletedProcess]:
         e.update({"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
                   "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost",
                   "MASTER_PORT": port, "OMP_NUM_THREADS": "1"})
-        procs.append(subprocess.Popen([sys.executable, "-m", "replication.run", *overrides], cwd=REPO, env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        with open(logs / f"rank{rank}.log", "w") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "replication.run", *overrides], cwd=REPO, env=e,
+                                          stdout=out, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _launch_two(overrides: list[str], logs: Path) -> list[subprocess.CompletedProcess]:
+    procs = _start_two(overrides, logs)
     out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    for rank, p in enumerate(procs):
+        p.wait(timeout=600)
+        text = (logs / f"rank{rank}.log").read_text()
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, text, text))
     return out
 
 
@@ -78,7 +90,7 @@ def test_two_srun_tasks_run_the_whole_pipeline_once(tmp_path):
     overrides = ["experiment=smoke", *paths_overrides(tmp_path), "autoencoder.train.steps=20",
                  "trainer.steps=10", "trainer.ckpt_every=5", "trainer.eval_every=0", "sampler.num_samples=64",
                  "curves.ddim_steps=[]", "cpu_threads=1", "progress=false"]
-    results = _launch_two(overrides)
+    results = _launch_two(overrides, tmp_path / "logs")
     for rank, r in enumerate(results):
         assert r.returncode == 0, f"rank {rank}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     run = tmp_path / "runs" / "smoke"
@@ -94,9 +106,43 @@ def test_two_srun_tasks_run_the_whole_pipeline_once(tmp_path):
 
     # a stage that fails on rank 0 ends rank 1 too, with rank 0's message, instead of leaving it waiting
     bad = overrides + ["metrics.inception_weights=/nonexistent/pt_inception.pth", "metrics.allow_standin=false"]
-    results = _launch_two(bad)
+    results = _launch_two(bad, tmp_path / "logs_bad")
     assert results[0].returncode != 0 and results[1].returncode != 0
     assert "failed on rank 0" in results[1].stderr and "/nonexistent/pt_inception.pth" in results[1].stderr
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_process_killed_outright_ends_the_other_with_a_message(tmp_path, victim):
+    """SIGKILL (the OOM killer, a node failure) gives no process a chance to say goodbye. While rank 0 trains the
+    autoencoder alone and rank 1 waits: kill rank 0, and rank 1 ends at once saying rank 0 is gone; kill rank 1,
+    and rank 0 finishes (and keeps) its stage, then ends saying another process is gone. Neither waits forever
+    (the waiting group's timeout is 30 days) nor ends with a bare gloo traceback."""
+    steps = 100_000 if victim == 0 else 12  # rank 0 must outlive the kill, or finish soon after it
+    overrides = ["experiment=smoke", *paths_overrides(tmp_path), f"autoencoder.train.steps={steps}",
+                 "autoencoder.train.log_every=1", "cpu_threads=1", "progress=false"]
+    procs = _start_two(overrides, tmp_path / "logs")
+    stats = tmp_path / "runs" / "smoke" / "train_autoencoder" / "stats.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (stats.is_file() and '"step": 2' in stats.read_text()):  # rank 0 trains; rank 1 waits by now
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                (tmp_path / "logs" / "rank0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        procs[victim].send_signal(signal.SIGKILL)
+        survivor = procs[1 - victim]
+        survivor.wait(timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+    log = (tmp_path / "logs" / f"rank{1 - victim}.log").read_text()
+    assert survivor.returncode == 2, log[-3000:]  # a user-facing StageError, not a crash
+    if victim == 0:
+        assert "stage train_autoencoder: rank 0 ended without a word while process 1 waited" in log
+    else:
+        assert "stage train_autoencoder finished on rank 0, but another process of this 2-process job is gone" in log
+        assert (stats.parent / "done.json").is_file()  # the finished stage is kept for the rerun
+    assert "Traceback" not in log
 
 
 @pytest.fixture

@@ -279,7 +279,13 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
     return result
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _on_rank0(stage: str, dist: Any, stage_dir: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0 runs the stage alone, then tells the others how it went. A process that vanishes (killed, out of
+    memory) breaks that collective; each side then ends with a message that says so, not a gloo traceback."""
     from replication.training.distributed import broadcast_from_main
 
     if dist.is_main:
@@ -290,9 +296,21 @@ def _on_rank0(stage: str, dist: Any, stage_dir: Path, run: Callable[[], dict[str
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            broadcast_from_main(error, dist)
+            try:
+                broadcast_from_main(error, dist)
+            except RuntimeError as exc:  # gloo: "Connection closed by peer" when a waiting process is gone
+                raise StageError(
+                    f"stage {stage} {'finished' if error is None else 'failed'} on rank 0, but another process of "
+                    f"this {dist.world_size}-process job is gone (killed, or out of memory?), so the job ends here; "
+                    f"finished stages are kept, a rerun goes on from them. The collective said: {_first_line(exc)}"
+                ) from exc
     log.info("stage %s: process %d waits for rank 0, which runs it alone", stage, dist.rank)
-    error = broadcast_from_main(None, dist)
+    try:
+        error = broadcast_from_main(None, dist)
+    except RuntimeError as exc:  # the same when rank 0's process is gone
+        raise StageError(f"stage {stage}: rank 0 ended without a word while process {dist.rank} waited for it "
+                         f"(killed, or out of memory?); its log is {stage_dir / 'log.txt'}. The collective said: "
+                         f"{_first_line(exc)}") from exc
     if error is not None:
         raise StageError(f"stage {stage} failed on rank 0 (see {stage_dir / 'log.txt'}): {error}")
     result = dict(read_json(stage_dir / DONE_FILE).get("result", {}))
