@@ -112,20 +112,24 @@ def test_two_srun_tasks_run_the_whole_pipeline_once(tmp_path):
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("victim", [0, 1])
-def test_a_process_killed_outright_ends_the_other_with_a_message(tmp_path, victim):
+@pytest.mark.parametrize("stage, victim", [("train_autoencoder", 0), ("train_autoencoder", 1), ("train_ldm", 1)])
+def test_a_process_killed_outright_ends_the_other_with_a_message(tmp_path, stage, victim):
     """SIGKILL (the OOM killer, a node failure) gives no process a chance to say goodbye. While rank 0 trains the
     autoencoder alone and rank 1 waits: kill rank 0, and rank 1 ends at once saying rank 0 is gone; kill rank 1,
-    and rank 0 finishes (and keeps) its stage, then ends saying another process is gone. Neither waits forever
-    (the waiting group's timeout is 30 days) nor ends with a bare gloo traceback."""
-    steps = 100_000 if victim == 0 else 12  # rank 0 must outlive the kill, or finish soon after it
-    overrides = ["experiment=smoke", *paths_overrides(tmp_path), f"autoencoder.train.steps={steps}",
-                 "autoencoder.train.log_every=1", "cpu_threads=1", "progress=false"]
+    and rank 0 finishes (and keeps) its stage, then ends saying another process is gone. In DDP training, the
+    survivor ends at its next exchange. Nobody waits forever (the waiting group's timeout is 30 days) or ends with
+    a bare gloo traceback."""
+    if stage == "train_autoencoder":
+        steps = ["autoencoder.train.steps=100000" if victim == 0 else "autoencoder.train.steps=12",
+                 "autoencoder.train.log_every=1"]  # rank 0 must outlive the kill, or finish soon after it
+    else:
+        steps = ["autoencoder.train.steps=2", "trainer.steps=100000", "trainer.log_every=1", "trainer.eval_every=0"]
+    overrides = ["experiment=smoke", *paths_overrides(tmp_path), *steps, "cpu_threads=1", "progress=false"]
     procs = _start_two(overrides, tmp_path / "logs")
-    stats = tmp_path / "runs" / "smoke" / "train_autoencoder" / "stats.jsonl"
+    stats = tmp_path / "runs" / "smoke" / stage / "stats.jsonl"
     try:
         deadline = time.monotonic() + 300
-        while not (stats.is_file() and '"step": 2' in stats.read_text()):  # rank 0 trains; rank 1 waits by now
+        while not (stats.is_file() and '"step": 2,' in stats.read_text()):  # training; the other rank is past
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
                 (tmp_path / "logs" / "rank0.log").read_text()[-3000:]
             time.sleep(0.2)
@@ -137,7 +141,9 @@ def test_a_process_killed_outright_ends_the_other_with_a_message(tmp_path, victi
             p.kill()
     log = (tmp_path / "logs" / f"rank{1 - victim}.log").read_text()
     assert survivor.returncode == 2, log[-3000:]  # a user-facing StageError, not a crash
-    if victim == 0:
+    if stage == "train_ldm":
+        assert "stage train_ldm: another process of this 2-process job is gone" in log
+    elif victim == 0:
         assert "stage train_autoencoder: rank 0 ended without a word while process 1 waited" in log
     else:
         assert "stage train_autoencoder finished on rank 0, but another process of this 2-process job is gone" in log

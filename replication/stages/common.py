@@ -269,7 +269,13 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
         result = _run_stage(stage, cfg, body, typed, run_dir, device, dist)
     except BaseException as exc:
         error = exc
-    errors = gather_objects(None if error is None else f"{type(error).__name__}: {error}", dist)
+    try:
+        errors = gather_objects(None if error is None else f"{type(error).__name__}: {error}", dist)
+    except RuntimeError as exc:  # gloo: "Connection closed by peer"; the body's own collectives broke the same way
+        own = "" if error is None else f" This process's own error: {type(error).__name__}: {_first_line(error)}."
+        raise StageError(f"stage {stage}: another process of this {dist.world_size}-process job is gone (killed, or "
+                         f"out of memory?), so process {dist.rank} ends here; finished stages and checkpoints are "
+                         f"kept, a rerun goes on from them.{own} The collective said: {_first_line(exc)}") from exc
     if error is not None:
         raise error
     failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
