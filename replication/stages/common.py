@@ -273,9 +273,8 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
         errors = gather_objects(None if error is None else f"{type(error).__name__}: {error}", dist)
     except RuntimeError as exc:  # gloo: "Connection closed by peer"; the body's own collectives broke the same way
         own = "" if error is None else f" This process's own error: {type(error).__name__}: {_first_line(error)}."
-        raise StageError(f"stage {stage}: another process of this {dist.world_size}-process job is gone (killed, or "
-                         f"out of memory?), so process {dist.rank} ends here; finished stages and checkpoints are "
-                         f"kept, a rerun goes on from them.{own} The collective said: {_first_line(exc)}") from exc
+        raise _process_gone(f"stage {stage}: another process of this {dist.world_size}-process job is gone",
+                            f"process {dist.rank} ends here.{own}", exc) from exc
     if error is not None:
         raise error
     failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
@@ -287,6 +286,12 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _process_gone(what: str, then: str, exc: BaseException) -> StageError:
+    """The error of a process whose collective broke because a peer's process vanished (SIGKILL, out of memory)."""
+    return StageError(f"{what} (killed, or out of memory?); {then} Finished stages are kept, and a rerun goes on "
+                      f"from them. The collective said: {_first_line(exc)}")
 
 
 def _on_rank0(stage: str, dist: Any, stage_dir: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -305,18 +310,15 @@ def _on_rank0(stage: str, dist: Any, stage_dir: Path, run: Callable[[], dict[str
             try:
                 broadcast_from_main(error, dist)
             except RuntimeError as exc:  # gloo: "Connection closed by peer" when a waiting process is gone
-                raise StageError(
-                    f"stage {stage} {'finished' if error is None else 'failed'} on rank 0, but another process of "
-                    f"this {dist.world_size}-process job is gone (killed, or out of memory?), so the job ends here; "
-                    f"finished stages are kept, a rerun goes on from them. The collective said: {_first_line(exc)}"
-                ) from exc
+                raise _process_gone(f"stage {stage} {'finished' if error is None else 'failed'} on rank 0, but "
+                                    f"another process of this {dist.world_size}-process job is gone",
+                                    "the job ends here.", exc) from exc
     log.info("stage %s: process %d waits for rank 0, which runs it alone", stage, dist.rank)
     try:
         error = broadcast_from_main(None, dist)
     except RuntimeError as exc:  # the same when rank 0's process is gone
-        raise StageError(f"stage {stage}: rank 0 ended without a word while process {dist.rank} waited for it "
-                         f"(killed, or out of memory?); its log is {stage_dir / 'log.txt'}. The collective said: "
-                         f"{_first_line(exc)}") from exc
+        raise _process_gone(f"stage {stage}: rank 0 ended without a word while process {dist.rank} waited for it",
+                            f"its log is {stage_dir / 'log.txt'}.", exc) from exc
     if error is not None:
         raise StageError(f"stage {stage} failed on rank 0 (see {stage_dir / 'log.txt'}): {error}")
     result = dict(read_json(stage_dir / DONE_FILE).get("result", {}))
