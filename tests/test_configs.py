@@ -125,3 +125,10 @@ def test_experiments_train_with_the_papers_batch_and_learning_rate(name):
     assert trainer.batch_size * trainer.accumulate_grad_batches == paper.train_global_batch
     lr = effective_lr(trainer.base_lr, trainer.batch_size, 1, trainer.accumulate_grad_batches, trainer.scale_lr)
     assert lr == pytest.approx(paper.train_lr, rel=1e-9)
+
+
+def test_first_line_of_an_error_message():
+    from replication.utils.errors import first_line
+
+    assert first_line(RuntimeError("Connection closed by peer\n  context\n  more")) == "Connection closed by peer"
+    assert first_line(KeyError()) == "KeyError" and first_line(ValueError(" \n")) == "ValueError"

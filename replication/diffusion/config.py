@@ -16,6 +16,7 @@ from replication.diffusion.lr_schedule import LRWarmupKind, make_lr_multiplier
 from replication.diffusion.objective import LossType, Parameterization
 from replication.diffusion.plms import plms_loop
 from replication.diffusion.schedule import Schedule, ScheduleKind, parse_enum
+from replication.utils.errors import first_line
 
 
 class ConfigError(ValueError):
@@ -105,8 +106,7 @@ def _to_schema(cfg: Mapping[str, Any] | DictConfig, schema: type, path: str):
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{path}.{key}: {first_line}") from None
+        raise ConfigError(f"{path}.{key}: {first_line(e)}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"missing required key(s): {', '.join(f'{path}.{k}' for k in missing)}")

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from replication.config import GROUPS, to_container, validate_config
 from replication.utils.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_json
+from replication.utils.errors import first_line
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -272,7 +273,7 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
     try:
         errors = gather_objects(None if error is None else f"{type(error).__name__}: {error}", dist)
     except RuntimeError as exc:  # gloo: "Connection closed by peer"; the body's own collectives broke the same way
-        own = "" if error is None else f" This process's own error: {type(error).__name__}: {_first_line(error)}."
+        own = "" if error is None else f" This process's own error: {type(error).__name__}: {first_line(error)}."
         raise _process_gone(f"stage {stage}: another process of this {dist.world_size}-process job is gone",
                             f"process {dist.rank} ends here.{own}", exc) from exc
     if error is not None:
@@ -284,14 +285,10 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
     return result
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def _process_gone(what: str, then: str, exc: BaseException) -> StageError:
     """The error of a process whose collective broke because a peer's process vanished (SIGKILL, out of memory)."""
     return StageError(f"{what} (killed, or out of memory?); {then} Finished stages are kept, and a rerun goes on "
-                      f"from them. The collective said: {_first_line(exc)}")
+                      f"from them. The collective said: {first_line(exc)}")
 
 
 def _on_rank0(stage: str, dist: Any, stage_dir: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
