@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
-
 from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
                                               set_rng_state)
 from replication.training.ldm_trainer import DataOrder
 from replication.training.loss_reader import DeferredLossReader, StepLosses
-from replication.training.signals import Preempted, StopRequested, TrainingDiverged
+from replication.training.signals import Preempted, StopRequested, TrainingDiverged, announce_preempted
+from replication.training.tensorboard_log import TrainingCurves
+from replication.utils.progress import ProgressLog
 from replication.utils.transfer import to_device
 
 log = logging.getLogger("replication")
@@ -43,6 +43,7 @@ def train_autoencoder_loop(
     disc_fresh_forward: bool = True,
     resume_key: Optional[str] = None,
     pin_memory: bool = False,
+    progress_interval_s: Optional[float] = None,
 ) -> dict[str, Any]:
     """`steps` counts optimizer steps (Lightning's global_step, which the discriminator start compares with); with
     `accumulate` > 1 each step averages the gradients of that many micro-batches of `batch_size` (loss / N), as
@@ -50,7 +51,10 @@ def train_autoencoder_loop(
 
     Order within a micro-batch, as Lightning's loop over the two optimisers: generator pass, loss and backward;
     the generator's optimizer step if this micro-batch ends the step; then (`disc_fresh_forward`, while the
-    discriminator's weight is non-zero) a new no-grad pass of the autoencoder for the discriminator's loss."""
+    discriminator's weight is non-zero) a new no-grad pass of the autoencoder for the discriminator's loss.
+
+    Progress: a log line every `progress_interval_s` seconds (None: utils.progress's default) with the step,
+    loss, rate and ETA, with or without a terminal; `progress` adds the tqdm bar."""
     if accumulate < 1:
         raise ValueError(f"accumulate (accumulate_grad_batches) must be >= 1, got {accumulate}")
     generator = torch.Generator().manual_seed(seed)
@@ -82,7 +86,9 @@ def train_autoencoder_loop(
 
     model.train()
     loss_fn.train()
-    bar = tqdm(total=steps, initial=step, desc="train autoencoder", disable=not progress, dynamic_ncols=True)
+    # the curves of stats.jsonl also as TensorBoard events in the stage folder (state_dir's parent), when installed
+    curves = TrainingCurves(state_dir.parent, "train autoencoder")
+    report = ProgressLog("train autoencoder", total=steps, initial=step, interval_s=progress_interval_s, bar=progress)
     last = math.nan
     # Losses and logs are read one step late (loss_reader.py), so the host never waits for the GPU; every read is
     # checked before anything after it is written, so a non-finite loss still leaves the last checkpoint good.
@@ -103,7 +109,8 @@ def train_autoencoder_loop(
                 logs = {**values, **read.meta["host_logs"]}
                 stats(event="train_autoencoder", step=read.step, loss=loss,
                       **{k: v for k, v in logs.items() if k != "loss"})
-                bar.set_postfix(loss=f"{loss:.4f}")
+                curves.add(read.step, "train_autoencoder", {**logs, "loss": loss})
+            report.set(loss=loss)
     with StopRequested() as stop:
         while step < steps:
             opt_g.zero_grad(set_to_none=True)
@@ -147,15 +154,19 @@ def train_autoencoder_loop(
             settle(reader.push(step + 1, device_values.reshape(-1), keys=keys, micro=len(micro_logs),
                                host_logs=host_logs))
             step += 1
-            bar.update(1)
+            report.update(1)
             if step % ckpt_every == 0 or step == steps:
                 settle(reader.flush())
                 save_state(state_dir, step, full_state(), keep_last)
             if stop:
                 settle(reader.flush())
                 path = save_state(state_dir, step, full_state(), keep_last)
-                bar.close()
+                report.close(done=False)
+                curves.close()
+                stats(event="preempted", step=step, signal=stop.signum, checkpoint=str(path))
+                announce_preempted("autoencoder training", stop.signum, step, path)
                 raise Preempted(stop.signum, step, str(path))
         settle(reader.flush())
-    bar.close()
+    report.close()
+    curves.close()
     return {"step": step, "last_loss": last}

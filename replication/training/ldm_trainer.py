@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
-
 from replication.diffusion.objective import diffusion_loss, sample_timesteps
 from replication.diffusion.schedule import Schedule
 from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
                                               set_rng_state)
 from replication.training.distributed import DistInfo
 from replication.training.loss_reader import DeferredLossReader, StepLosses
-from replication.training.signals import Preempted, StopRequested, TrainingDiverged
+from replication.training.signals import Preempted, StopRequested, TrainingDiverged, announce_preempted
+from replication.training.tensorboard_log import TrainingCurves
+from replication.utils.progress import ProgressLog
 from replication.utils.transfer import to_device
 
 log = logging.getLogger("replication")
@@ -53,7 +53,8 @@ class LoopSettings:
     compile_mode: Optional[str] = None  # torch.compile mode (None: inductor's default; "reduce-overhead": CUDA graphs)
     fused_adam: bool = False
     snapshot_every: int = 0  # write EMA weights every N steps (Fig. 6 curve)
-    progress: bool = True
+    progress: bool = True  # the tqdm bar; the progress lines of utils/progress.py go to the log either way
+    progress_interval_s: Optional[float] = None  # seconds between progress lines (None: utils.progress default)
     # Gradient accumulation as Lightning's accumulate_grad_batches (the release's trainer): each optimizer step
     # averages the gradients of `accumulate` micro-batches of `batch_size` (loss / accumulate per micro-batch);
     # `steps` counts optimizer steps (Lightning's global_step), and the LR schedule steps with them.
@@ -235,11 +236,17 @@ def train_loop(
             last_loss = loss_value = sum(values) / len(values)
             if dist.is_main and (read.step % settings.log_every == 0 or read.step == 1):
                 stats(event="train", step=read.step, loss=loss_value, **read.meta)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
+                curves.add(read.step, "train", {"loss": loss_value, **read.meta})
+            if progress is not None:
+                progress.set(loss=loss_value)
         return stop_seen
     target = settings.steps if stop_after is None else min(settings.steps, step + stop_after)
-    bar = tqdm(total=settings.steps, initial=step, desc="train LDM", disable=not (settings.progress and dist.is_main),
-               dynamic_ncols=True)
+    # rank 0 reports progress: a line every progress_interval_s (step, loss, rate, ETA) to the log, with or without
+    # a terminal, and the tqdm bar when settings.progress
+    progress = (ProgressLog("train LDM", total=settings.steps, initial=step, interval_s=settings.progress_interval_s,
+                            bar=settings.progress) if dist.is_main else None)
+    # the curves of stats.jsonl also as TensorBoard events in the stage folder (state_dir's parent), when installed
+    curves = TrainingCurves(state_dir.parent, "train LDM", enabled=dist.is_main)
     model.train()
     with StopRequested() as stop:
         while step < target:
@@ -278,7 +285,8 @@ def train_loop(
             # where the flag is read (the next step, or this one where a checkpoint or snapshot flushes the read).
             stopping = settle(push(step + 1, torch.stack(micro_losses)))
             step += 1
-            bar.update(1)
+            if progress is not None:
+                progress.update(1)
             if settings.snapshot_every and step % settings.snapshot_every == 0 and on_snapshot:
                 stopping = settle(reader.flush()) or stopping
                 if dist.is_main:
@@ -293,12 +301,16 @@ def train_loop(
             if stopping:
                 settle(reader.flush())
                 state_now = full_state()
+                if progress is not None:
+                    progress.close(done=False)
+                curves.close()
                 if dist.is_main:
                     path = save_state(state_dir, step, state_now, settings.keep_last)
                     stats(event="preempted", step=step, signal=stop.signum, checkpoint=str(path))
-                    log.warning("signal %s: wrote %s at step %d; rerun the same command to resume", stop.signum, path, step)
-                bar.close()
+                    announce_preempted("LDM training", stop.signum, step, path)
                 raise Preempted(stop.signum or signal.SIGTERM, step, str(state_dir))
         settle(reader.flush())
-    bar.close()
+    if progress is not None:
+        progress.close()
+    curves.close()
     return {"step": step, "resumed_from": resumed_from, "last_loss": last_loss, "extra_state": extra_state}
