@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import socket
 import stat
@@ -21,6 +22,8 @@ from tqdm import tqdm
 DEFAULT_CHUNK = 1 << 20
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 5
+DEFAULT_RETRY_WAIT_S = 1.0
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 _RETRYABLE = (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError)
 
 
@@ -82,14 +85,18 @@ def download(
     progress: bool = True,
     chunk: int = DEFAULT_CHUNK,
     md5: Optional[str] = None,
-    retries: int = DEFAULT_RETRIES,
+    retries: Optional[int] = None,
     timeout: float = DEFAULT_TIMEOUT_S,
-    retry_wait_s: float = 1.0,
+    retry_wait_s: Optional[float] = None,
 ) -> dict:
     """Fetch `url` to `dest` through `dest.part`, resuming with an HTTP Range request after an interruption
     (in this call's retries or in a later call). Verify the checksum(s) before the final rename; on a mismatch
     the partial file is removed (it cannot be resumed into a correct one) and the error names both values.
-    Returns {"path", "sha256", "md5", "bytes"}; an existing `dest` is verified, not fetched again."""
+    Returns {"path", "sha256", "md5", "bytes"}; an existing `dest` is verified, not fetched again, so a file
+    fetched elsewhere and placed at `dest` is used as is (every DownloadError says so, naming `dest`).
+    `retries` / `retry_wait_s` default to DEFAULT_RETRIES / DEFAULT_RETRY_WAIT_S."""
+    retries = DEFAULT_RETRIES if retries is None else retries
+    retry_wait_s = DEFAULT_RETRY_WAIT_S if retry_wait_s is None else retry_wait_s
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
@@ -109,10 +116,11 @@ def download(
                     attempt += 1
                     time.sleep(retry_wait_s)
                     continue
-                raise DownloadError(f"HTTP {exc.code} for {url}: {exc.reason}") from exc
+                raise DownloadError(f"HTTP {exc.code} for {url}: {exc.reason}. {place_by_hand(url, dest)}") from exc
             except _RETRYABLE as exc:
                 if attempt >= retries:
-                    raise DownloadError(f"could not reach {url} after {retries} retries: {exc}") from exc
+                    raise DownloadError(f"could not reach {url} after {retries} retries ({_reason(exc)}). "
+                                        f"{place_by_hand(url, dest)}") from exc
                 attempt += 1
                 time.sleep(retry_wait_s)
                 continue
@@ -134,7 +142,8 @@ def download(
                 except _RETRYABLE as exc:
                     if attempt >= retries:
                         raise DownloadError(
-                            f"download of {url} kept failing ({exc}); {part} is kept, run again to resume"
+                            f"download of {url} kept failing ({_reason(exc)}); {part} is kept, run again to resume. "
+                            f"{place_by_hand(url, dest)}"
                         ) from exc
                     attempt += 1
                     time.sleep(retry_wait_s)
@@ -142,7 +151,8 @@ def download(
             size = part.stat().st_size
             if total is not None and size < total:  # connection closed early without an exception
                 if attempt >= retries:
-                    raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; run again to resume")
+                    raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; run again to resume. "
+                                        f"{place_by_hand(url, dest)}")
                 attempt += 1
                 continue
             break
@@ -157,6 +167,21 @@ def download(
     os.replace(part, dest)
     info["path"] = str(dest)
     return info
+
+
+def _reason(exc: BaseException) -> str:
+    """'[Errno 111] Connection refused' rather than '<urlopen error [Errno 111] Connection refused>'."""
+    reason = getattr(exc, "reason", None)
+    return str(reason if reason is not None else exc) or type(exc).__name__
+
+
+def place_by_hand(url: str, dest: Path) -> str:
+    """What to do without network: the exact file to place, and for an archive where it is extracted."""
+    text = (f"Without network access here, fetch {url} elsewhere and place it as {dest} (that exact name); the next "
+            "run checks it and uses it instead of downloading")
+    if dest.name.lower().endswith(ARCHIVE_SUFFIXES):
+        text += f" (the archive is then extracted into {dest.parent})"
+    return text + "."
 
 
 def _verified(path: Path, sha256: Optional[str], md5: Optional[str]) -> dict:
@@ -229,15 +254,21 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[st
 # Manual datasets
 # ---------------------------------------------------------------------------------------------------------
 def require_manual(root: str | os.PathLike, required: Iterable[str], instructions: str, dataset: str = "") -> None:
-    """Raise ManualDownloadRequired listing what is missing under `root`, followed by `instructions`."""
+    """Raise ManualDownloadRequired listing what is missing under `root` (or that `root` itself is missing),
+    followed by `instructions`, in which `<root>` stands for the dataset folder and is replaced by its path."""
     root = Path(root)
     missing = [r for r in required if not (root / r).exists()]
-    if not root.exists():
-        missing = missing or [str(root)]
-    if missing:
+    if missing or not root.exists():
         name = f"dataset '{dataset}'" if dataset else "this dataset"
-        listing = "\n".join(f"  - {root / m}" for m in missing)
-        raise ManualDownloadRequired(
-            f"{name} needs a manual download (login or licence). Missing under {root}:\n{listing}\n\n"
-            f"{instructions.strip()}"
-        )
+        if missing:
+            listing = "\n".join(f"  - {root / m}" for m in missing)
+            head = f"{name} needs a manual download (login or licence). Missing under {root}:\n{listing}"
+        else:
+            head = f"{name} needs a manual download (login or licence). The dataset folder {root} does not exist."
+        raise ManualDownloadRequired(f"{head}\n\n{manual_instructions(instructions, root)}")
+
+
+def manual_instructions(instructions: str, root: str | os.PathLike) -> str:
+    """A dataset's instructions with `<root>` replaced by its folder, so they name the exact paths to fill."""
+    text = instructions.strip().replace("<root>", str(root))
+    return re.sub(r"the\s+dataset\s+root\s+\(the\s+folder\s+named\s+above\)", f"the dataset folder {root}", text)

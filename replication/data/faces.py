@@ -92,7 +92,10 @@ def ffhq_split_records(cfg: DatasetConfig, split: Split, progress: bool = True) 
         origin["fetched_from_metadata"] = fetch_ffhq_images(root, missing, progress)
         index = _index(where, (".png",), ffhq_key)
     if not index:
-        raise FileNotFoundError(f"dataset '{cfg.name}': no FFHQ PNGs under {where} and no {FFHQ_METADATA} in {root}")
+        raise FileNotFoundError(
+            f"dataset '{cfg.name}': no FFHQ PNGs under {where} and no {FFHQ_METADATA} in {root}: place "
+            f"{root / FFHQ_METADATA} (the images of a split are then fetched from its URLs), or the images as "
+            f"{where / '00000' / '00000.png'} ... {where / '69000' / '69999.png'}")
     out = _records(cfg, split, index, keys, origin, lambda p: PayloadKind.IMAGE, md5s if cfg.verify_checksums else None)
     out.origin["format"] = "png_tree"
     out.origin["per_file_md5"] = (
@@ -101,17 +104,23 @@ def ffhq_split_records(cfg: DatasetConfig, split: Split, progress: bool = True) 
     return out
 
 
+def _celebahq_files(where: Path) -> str:
+    return (f"place the PGGAN arrays as {where / 'imgHQ00000.npy'} ... {where / 'imgHQ29999.npy'}, or the "
+            f"CelebAMask-HQ JPEGs as {where / 'CelebA-HQ-img' / '0.jpg'} ... {where / 'CelebA-HQ-img' / '29999.jpg'}")
+
+
 def celebahq_split_records(cfg: DatasetConfig, split: Split) -> SplitRecords:
     where = raw_dir(cfg)
     if not where.is_dir():
-        raise FileNotFoundError(f"dataset '{cfg.name}': no CelebA-HQ folder at {where}")
+        raise FileNotFoundError(f"dataset '{cfg.name}': no CelebA-HQ folder at {where}: {_celebahq_files(where)}")
     index = _index(where, (".npy",), celebahq_key)
     fmt = "pggan_npy"
     if not index:
         index = _index(where, (".jpg", ".jpeg", ".png"), celebahq_key)
         fmt = "image_files"
     if not index:
-        raise FileNotFoundError(f"dataset '{cfg.name}': no imgHQ*.npy or CelebA-HQ-img/*.jpg files under {where}")
+        raise FileNotFoundError(f"dataset '{cfg.name}': no imgHQ*.npy or CelebA-HQ-img/*.jpg files under {where}: "
+                                f"{_celebahq_files(where)}")
     kind_of = lambda p: PayloadKind.NPY if p.suffix.lower() == ".npy" else PayloadKind.IMAGE  # noqa: E731
     keys, origin = split_keys(cfg, split, celebahq_key, lambda: list(index))
     out = _records(cfg, split, index, keys, origin, kind_of)

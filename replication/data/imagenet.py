@@ -23,9 +23,13 @@ def _synset_dirs(folder: Path) -> list[Path]:
 
 def synsets(cfg: DatasetConfig) -> list[str]:
     train = raw_dir(cfg) / "train"
-    if not train.is_dir():
-        raise FileNotFoundError(f"dataset '{cfg.name}': no ImageNet train folder at {train}")
-    return [p.name for p in _synset_dirs(train)]
+    found = _synset_dirs(train) if train.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"dataset '{cfg.name}': no ImageNet train {'synset folders in' if train.is_dir() else 'folder at'} "
+            f"{train}: extract ILSVRC2012_img_train.tar there, one folder per synset "
+            f"({train / 'n01440764' / 'n01440764_10026.JPEG'} ...)")
+    return [p.name for p in found]
 
 
 def _read_val_labels(path: Path, files: list[Path]) -> dict[str, str]:
@@ -45,7 +49,10 @@ def split_records(cfg: DatasetConfig, split: Split) -> SplitRecords:
     index = {wnid: i for i, wnid in enumerate(names)}
     folder = raw_dir(cfg) / split.value
     if not folder.is_dir():
-        raise FileNotFoundError(f"dataset '{cfg.name}': no ImageNet {split.value} folder at {folder}")
+        raise FileNotFoundError(
+            f"dataset '{cfg.name}': no ImageNet {split.value} folder at {folder}: extract "
+            f"ILSVRC2012_img_{split.value}.tar there ({folder / 'n01440764'}/*.JPEG per synset, or the files flat "
+            "with val_labels set)")
     items: list[tuple[str, Path, int]] = []
     sub = _synset_dirs(folder)
     if sub:

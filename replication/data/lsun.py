@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Iterator
 
 from replication.data.config import DatasetConfig, Split
-from replication.data.sources import PayloadKind, RawRecord, SplitListError, SplitRecords, raw_dir, split_keys
+from replication.data.sources import (PayloadKind, RawRecord, SplitListError, SplitRecords, downloads_hint, raw_dir,
+                                      split_keys)
 
 IMAGE_SUFFIXES = (".webp", ".jpg", ".jpeg", ".png")
 
@@ -64,7 +65,11 @@ def split_records(cfg: DatasetConfig, split: Split) -> SplitRecords:
         origin["format"] = "folder"
         records = (RawRecord(key=k, name=str(index[k]), payload=str(index[k]), kind=PayloadKind.IMAGE) for k in keys)
         return SplitRecords(len(keys), records, origin)
-    raise FileNotFoundError(f"dataset '{cfg.name}': no LSUN LMDB (data.mdb) or image folder at {where}")
+    hint = downloads_hint(cfg)
+    raise FileNotFoundError(
+        f"dataset '{cfg.name}': no LSUN LMDB or image folder at {where}: place the LSUN LMDB there as "
+        f"{where / 'data.mdb'} (with its lock.mdb), or images exported from it as {where}/<key>.webp"
+        + (f"\n{hint}" if hint else ""))
 
 
 def _lmdb_records(where: Path, keys: list[str]) -> Iterator[RawRecord]:

@@ -104,6 +104,23 @@ def raw_dir(cfg: DatasetConfig) -> Path:
     return root / cfg.raw_subdir if cfg.raw_subdir else root
 
 
+def downloads_hint(cfg: DatasetConfig) -> str:
+    """The dataset's configured files as the exact paths to place by hand (where a download is impossible), each
+    with its source; '' when the dataset configures none."""
+    root = Path(cfg.root)
+    lines = []
+    for f in cfg.download.files:
+        source = f" (from {f.url})" if f.url else ""
+        if f.extract:
+            marker = f", or its contents as {root / f.done_marker}" if f.done_marker else ""
+            lines.append(f"  - {root / f.name}{source}: extracted into {root}{marker}")
+        else:
+            lines.append(f"  - {root / f.name}{source}")
+    if not lines:
+        return ""
+    return "Files of this dataset, each fetched by the prepare stage or placed there by hand:\n" + "\n".join(lines)
+
+
 def find_list_file(root: Path, listed: str) -> Optional[Path]:
     """`listed` relative to root, or any file with that base name below root (archives nest differently)."""
     direct = Path(listed) if Path(listed).is_absolute() else root / listed
@@ -155,10 +172,12 @@ def split_keys(
             "listed": len(keys),
         }
     else:
+        where = f"place {root / listed} (any folder below {root} is searched)" if listed else "set its split list"
+        hint = downloads_hint(cfg)
         raise SplitListError(
-            f"dataset '{cfg.name}': split list for '{split.value}' not found (looked for '{listed}' under {root}). "
-            "Download the original list (see the dataset config's download.files) or set "
-            "splits.allow_fallback: true with splits.fallback_val_count for the documented deterministic split."
+            f"dataset '{cfg.name}': split list for '{split.value}' not found (looked for '{listed}' under {root}): "
+            f"{where}, or set splits.allow_fallback: true with splits.fallback_val_count for the documented "
+            "deterministic split." + (f"\n{hint}" if hint else "")
         )
     if cfg.max_images is not None:
         keys = keys[: cfg.max_images]

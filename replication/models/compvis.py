@@ -23,7 +23,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..utils.io import ArtifactError, atomic_write_json, check_free_space, save_tensors, sha256_file
+from ..utils.io import (ArtifactError, atomic_write_json, check_free_space, save_tensors, sha256_file,
+                        unpickling_failure)
 from replication.utils.state import CheckpointMismatchError, check_fits  # noqa: F401 (re-exported)
 
 from .ema import shadow_name
@@ -166,8 +167,8 @@ def _read_checkpoint_object(path: Path) -> Any:
         raise UnsafeCheckpointError(f"{path}: {exc}") from None
     except Exception as exc:
         raise ArtifactError(
-            f"cannot read {path}: the weights-only reader failed ({first_error}) and so did the restricted "
-            f"reader ({type(exc).__name__}: {exc})"
+            f"cannot read {path}: the weights-only reader failed ({unpickling_failure(first_error)}) and so did "
+            f"the restricted reader ({unpickling_failure(exc)}); is it a PyTorch checkpoint?"
         ) from exc
 
 

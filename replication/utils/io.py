@@ -126,6 +126,20 @@ def torch_save_atomic(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def unpickling_failure(exc: BaseException) -> str:
+    """One line saying why torch.load(weights_only=True) refused a file: the weights-only unpickler's own reason
+    (e.g. "Unsupported global: GLOBAL os.system", "Unsupported operand 0"), or the error's first line. PyTorch's
+    surrounding advice to retry with weights_only turned off is left out: that would run whatever code the file
+    holds."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if "weights_only" not in ln and "Weights only load failed" not in ln), "")
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
 def torch_load_safe(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     """Load with weights_only=True: tensors and plain containers, never code."""
     path = Path(path)
@@ -135,8 +149,9 @@ def torch_load_safe(path: str | os.PathLike, map_location: str = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise ArtifactError(
-            f"refusing to load {path}: it is not a tensors-only file ({type(exc).__name__}: {exc}). "
-            "Files that need arbitrary unpickling are never loaded by this project."
+            f"refusing to load {path}: it is not a tensors-only file ({unpickling_failure(exc)}); this project "
+            "never unpickles anything else, which could run code (an original .ckpt is read by "
+            "python -m replication.models.compvis convert)"
         ) from exc
 
 
