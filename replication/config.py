@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from replication.utils.schema import merge_into_schema
+from replication.utils.paths import PLAIN_NAME_RULE, is_plain_name
+from replication.utils.schema import check_finite, check_range, merge_into_schema
 
 
 class ConfigError(ValueError):
@@ -188,12 +189,47 @@ def validate_trainer_cfg(cfg: Any) -> TrainerConfig:
     for key in ("steps", "batch_size", "accumulate_grad_batches", "log_every", "ckpt_every", "keep_last_ckpts"):
         if getattr(trainer, key) < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(trainer, key)}")
-    if not 0.0 <= trainer.ema_decay <= 1.0:
-        raise ConfigError(f"trainer.ema_decay must be in [0, 1], got {trainer.ema_decay}")
-    if trainer.base_lr <= 0:
-        raise ConfigError(f"trainer.base_lr must be > 0, got {trainer.base_lr}")
+    for key in ("eval_every", "eval_num_samples"):
+        check_range(getattr(trainer, key), f"trainer.{key}", ConfigError, low=0)
+    check_range(trainer.ema_decay, "trainer.ema_decay", ConfigError, low=0.0, high=1.0)
+    check_range(trainer.base_lr, "trainer.base_lr", ConfigError, low=0.0, low_open=True)
+    check_range(trainer.weight_decay, "trainer.weight_decay", ConfigError, low=0.0)
+    check_adam_betas(trainer.adam_betas, "trainer.adam_betas")
+    if trainer.grad_clip is not None:
+        check_range(trainer.grad_clip, "trainer.grad_clip", ConfigError, low=0.0, low_open=True)
     check_compile_mode(trainer.compile_mode, "trainer.compile_mode")
     return trainer
+
+
+def check_adam_betas(betas: list[float], key: str, error_cls: type[Exception] = ConfigError) -> None:
+    """Adam's two decay rates, each in [0, 1) (torch.optim.Adam rejects anything else, but only at the first step)."""
+    if len(betas) != 2:
+        raise error_cls(f"{key} must have two entries, got {betas}")
+    for i, beta in enumerate(betas):
+        check_range(beta, f"{key}[{i}]", error_cls, low=0.0, high=1.0, high_open=True)
+
+
+def _check_root(root: RootConfig) -> None:
+    """Names that become folders are plain identifiers; counts and sizes are in range."""
+    for key in ("name", "reuse_from"):
+        value = getattr(root, key)
+        if value is not None and not is_plain_name(value):
+            raise ConfigError(f"{key}={value!r} is not {PLAIN_NAME_RULE} (it names a folder under runs_root)")
+    for key in ("data_root", "runs_root", "reports_dir"):
+        if not getattr(root, key).strip():
+            raise ConfigError(f"{key} must be a folder path, got an empty string")
+    if root.cpu_threads is not None:
+        check_range(root.cpu_threads, "cpu_threads", ConfigError, low=1)
+    check_range(root.sample_shard_size, "sample_shard_size", ConfigError, low=1)
+    check_range(root.curves.num_samples, "curves.num_samples", ConfigError, low=0)
+    for i, steps in enumerate(root.curves.ddim_steps):
+        check_range(steps, f"curves.ddim_steps[{i}]", ConfigError, low=1)
+    check_range(root.conditioning.num_classes, "conditioning.num_classes", ConfigError, low=1)
+    check_range(root.conditioning.n_embed_classes, "conditioning.n_embed_classes", ConfigError, low=1)
+    proto = root.paper_protocol
+    for key, low, high in (("eta", 0.0, 1.0), ("guidance_scale", 0.0, None), ("train_lr", 0.0, None)):
+        if getattr(proto, key) is not None:
+            check_range(getattr(proto, key), f"paper_protocol.{key}", ConfigError, low=low, high=high)
 
 
 def _resolve(spec: str) -> Callable[[Any], Any]:
@@ -204,7 +240,8 @@ def _resolve(spec: str) -> Callable[[Any], Any]:
 def validate_config(cfg: DictConfig) -> dict[str, Any]:
     """Check the whole composed config; return the typed objects per group plus `root`.
 
-    Raises ConfigError naming the first unknown key or bad value found.
+    Raises ConfigError naming the first unknown key or bad value found: names that are not plain identifiers,
+    NaN or infinite floats in any section, values out of their range.
     """
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
@@ -220,6 +257,7 @@ def validate_config(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"config is missing group(s): {', '.join(missing)}")
     root_part = OmegaConf.create({k: cfg[k] for k in cfg.keys() if k in root_keys})
     typed: dict[str, Any] = {"root": merge_into_schema(RootConfig, root_part, "<root>", ConfigError)}
+    _check_root(typed["root"])
     bad_stages = [s for s in typed["root"].stages if s not in STAGES]
     bad_force = [s for s in typed["root"].force if s not in STAGES and s != "all"]
     if bad_stages or bad_force:
@@ -232,6 +270,8 @@ def validate_config(cfg: DictConfig) -> dict[str, Any]:
             raise
         except (ValueError, KeyError, TypeError, OmegaConfBaseException) as exc:
             raise ConfigError(f"invalid config in group '{group}': {exc}") from exc
+        # every section, whichever validator it has, holds finite floats only
+        check_finite(typed[group], group, ConfigError)
     return typed
 
 

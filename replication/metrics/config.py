@@ -8,6 +8,8 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from replication.utils.schema import check_finite
+
 # Paper rows use 50k samples [PROTOCOL.md §1, Sec. E.3.1].
 PAPER_NUM_SAMPLES = 50_000
 # ADM reference batches keep 10k images for precision/recall [guided-diffusion evaluations/README].
@@ -111,6 +113,7 @@ def validate_metrics_cfg(cfg: Mapping[str, Any] | DictConfig | MetricsConfig | N
 
 
 def _check_values(cfg: MetricsConfig) -> None:
+    check_finite(cfg, "metrics", MetricsConfigError)
     for name, enum_cls in _ENUM_FIELDS.items():
         value = getattr(cfg, name)
         allowed = [e.value for e in enum_cls]

@@ -8,7 +8,7 @@ from typing import Any, List, Mapping, Optional, Union
 
 from omegaconf import MISSING, DictConfig
 
-from replication.utils.schema import merge_into_schema
+from replication.utils.schema import check_range, merge_into_schema
 
 from replication.models.ae_blocks import GROUPNORM_GROUPS, AttnType
 
@@ -121,9 +121,19 @@ def _check_consistency(cfg: AutoencoderConfig) -> None:
     for section in ("ddconfig", "loss", "train"):
         if getattr(cfg, section) is None:
             fail(f"kind '{cfg.kind.value}' needs '{section}'")
-    for key in ("steps", "batch_size", "accumulate_grad_batches"):
+    for key in ("steps", "batch_size", "accumulate_grad_batches", "log_every", "ckpt_every"):
         if getattr(cfg.train, key) < 1:
             fail(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    try:
+        check_range(cfg.train.base_lr, "train.base_lr", ValueError, low=0.0, low_open=True)
+        check_range(cfg.ddconfig.dropout, "ddconfig.dropout", ValueError, low=0.0, high=1.0, high_open=True)
+        check_range(cfg.loss.disc_start, "loss.disc_start", ValueError, low=0)
+        for key in ("kl_weight", "codebook_weight", "disc_weight", "disc_factor", "perceptual_weight"):
+            check_range(getattr(cfg.loss, key), f"loss.{key}", ValueError, low=0.0)
+        for i, beta in enumerate(cfg.train.adam_betas):
+            check_range(beta, f"train.adam_betas[{i}]", ValueError, low=0.0, high=1.0, high_open=True)
+    except ValueError as exc:
+        fail(str(exc))
     dd = cfg.ddconfig
     if not dd.ch_mult:
         fail("'ddconfig.ch_mult' must not be empty")

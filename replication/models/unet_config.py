@@ -12,6 +12,8 @@ from typing import Any, List, Mapping, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from replication.utils.schema import check_finite, check_range
+
 
 class UNetConfigError(ValueError):
     """A U-Net config has unknown, missing or mistyped keys."""
@@ -64,9 +66,12 @@ def validate_unet_cfg(cfg: Mapping[str, Any] | DictConfig | UNetConfig) -> UNetC
         missing = sorted(k for k in UNET_CONFIG_KEYS if OmegaConf.is_missing(merged, k))
         if missing:
             raise UNetConfigError(f"U-Net config is missing required key(s) {missing}")
-        return OmegaConf.to_object(merged)
+        result = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise UNetConfigError(f"invalid U-Net config: {exc}") from exc
+    check_finite(result, "unet", UNetConfigError)
+    check_range(result.dropout, "unet.dropout", UNetConfigError, low=0.0, high=1.0, high_open=True)
+    return result
 
 
 def unet_kwargs(cfg: Mapping[str, Any] | DictConfig | UNetConfig) -> dict[str, Any]:

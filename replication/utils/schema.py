@@ -2,7 +2,9 @@
 fails with its full name (STYLE.md habit 9), one implementation for every group that uses it."""
 from __future__ import annotations
 
-from dataclasses import fields
+import math
+from dataclasses import fields, is_dataclass
+from enum import Enum
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,9 +16,64 @@ T = TypeVar("T")
 
 def merge_into_schema(schema_cls: type[T], cfg: Any, group: str, error_cls: type[Exception] = ValueError) -> T:
     """`cfg` (a mapping or a DictConfig node, whose interpolations resolve against the full config it belongs
-    to) merged into `schema_cls`; returns the dataclass instance. Free-form dict fields accept any key."""
+    to) merged into `schema_cls`; returns the dataclass instance. Free-form dict fields accept any key. Every
+    float in the result is finite (`check_finite`)."""
     if isinstance(cfg, schema_cls):
+        check_finite(cfg, group, error_cls)
         return cfg
+    result = _merge(schema_cls, cfg, group, error_cls)
+    check_finite(result, group, error_cls)
+    return result
+
+
+def non_finite_floats(obj: Any, path: str) -> list[str]:
+    """`path.key=value` for every NaN or infinite float in `obj` (a dataclass, mapping, list or scalar), in field
+    order, nested sections and list items included."""
+    if isinstance(obj, bool) or isinstance(obj, Enum):
+        return []
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [f"{path}={obj}"]
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return [bad for f in fields(obj) for bad in non_finite_floats(getattr(obj, f.name), _join(path, f.name))]
+    if isinstance(obj, dict):
+        return [bad for k, v in obj.items() for bad in non_finite_floats(v, _join(path, str(k)))]
+    if isinstance(obj, (list, tuple)):
+        return [bad for i, v in enumerate(obj) for bad in non_finite_floats(v, f"{path}[{i}]")]
+    return []
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def check_finite(obj: Any, group: str, error_cls: type[Exception] = ValueError) -> None:
+    """Raise `error_cls` naming every NaN or infinite float of the config section `obj` (one line): a NaN passes
+    every `x <= 0` style range check, and an infinite value fails only deep inside a run. `group` prefixes the
+    key names; "<root>" (the top-level keys) adds no prefix."""
+    bad = non_finite_floats(obj, "" if group == "<root>" else group)
+    if bad:
+        raise error_cls(f"{', '.join(bad)}: config values must be finite numbers (not nan or inf)")
+
+
+def check_range(value: Any, key: str, error_cls: type[Exception], low: float | None = None,
+                high: float | None = None, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise `error_cls` naming `key` unless low <= value <= high (strict where `*_open`); None bounds are
+    absent. NaN is outside every range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        rule = (f"in {lo}, {hi}" if low is not None and high is not None
+                else f"{'>' if low_open else '>='} {low:g}" if low is not None
+                else f"{'<' if high_open else '<='} {high:g}")
+        raise error_cls(f"{key} must be {rule}, got {value}")
+
+
+def _merge(schema_cls: type[T], cfg: Any, group: str, error_cls: type[Exception]) -> T:
     base = OmegaConf.structured(schema_cls)
     OmegaConf.set_struct(base, True)
     for f in fields(schema_cls):  # free-form dict fields (e.g. `choices`) take any key
