@@ -3,6 +3,7 @@ Gaussian data whose exact score is known; the `sampler` config group schema."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from replication.diffusion.config import ConfigError, run_sampler, validate_sampler_cfg
-from replication.diffusion.ddim import (DDIMSpacing, FinalAlpha, ddim_loop, ddim_parameters, ddim_sample,
-                                        ddim_sigmas, ddim_timesteps, uniform_indices)
-from replication.diffusion.ddpm import ddpm_loop, ddpm_sample
+from replication.diffusion.ddim import (DDIMSpacing, FinalAlpha, TablePrecision, ddim_loop, ddim_parameters,
+                                        ddim_sample, ddim_sigmas, ddim_timesteps, uniform_indices)
+from replication.diffusion.ddpm import ddpm_loop, ddpm_sample, ddpm_tables
 from replication.diffusion.guidance import classifier_free, drop_condition, null_class_labels
 from replication.diffusion.plms import plms_loop, plms_sample
 from replication.diffusion.schedule import Schedule
@@ -25,7 +26,8 @@ except ImportError:
     from tests.cuda_checks import SyncCheckedSteps
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHED = Schedule.make("linear", 1000, 0.0015, 0.0195)
+B0, B1 = 0.0015, 0.0195  # the paper models' linear_start / linear_end (PROTOCOL §3)
+SCHED = Schedule.make("linear", 1000, B0, B1)
 AC = SCHED.alphas_cumprod.numpy()
 
 
@@ -112,25 +114,100 @@ def test_uniform_indices_without_offset():
 
 # ---- DDIM parameters --------------------------------------------------------------------------------------------
 
-def test_ddim_sigmas_zero_at_eta0_and_closed_form_at_eta1():
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_ddim_sigmas_zero_at_eta0_and_closed_form_at_eta1(precision):
     ts = ddim_timesteps(50, 1000)
-    assert np.all(ddim_sigmas(SCHED, ts, 0.0) == 0.0)
-    p = ddim_parameters(SCHED, ts, 1.0)
+    assert np.all(ddim_sigmas(SCHED, ts, 0.0, precision=precision) == 0.0)
+    p = ddim_parameters(SCHED, ts, 1.0, precision=precision)
+    ac = AC if precision == "float64" else AC.astype(np.float32).astype(np.float64)
     # the original prepends alphas_cumprod[0] of the FULL table (make_ddim_sampling_parameters)
-    assert p.alphas_prev[0] == AC[0]
-    assert p.alphas_prev[1:].tolist() == AC[ts[:-1]].tolist()
+    assert p.alphas_prev[0] == ac[0]
+    assert p.alphas_prev[1:].tolist() == ac[ts[:-1]].tolist()
     k = 7
-    a, ap = AC[ts[k]], AC[ts[k - 1]]
-    assert p.sigmas[k] == pytest.approx(math.sqrt((1 - ap) / (1 - a) * (1 - a / ap)), rel=1e-12)
-    assert ddim_sigmas(SCHED, ts, 0.5)[k] == pytest.approx(0.5 * p.sigmas[k], rel=1e-12)
-    one = ddim_parameters(SCHED, ts, 1.0, FinalAlpha.ONE)
+    a, ap = ac[ts[k]], ac[ts[k - 1]]
+    rel = 1e-12 if precision == "float64" else 1e-6  # float32: 1 - a is rounded to float32 first, as the release
+    assert p.sigmas[k] == pytest.approx(math.sqrt((1 - ap) / (1 - a) * (1 - a / ap)), rel=rel)
+    assert ddim_sigmas(SCHED, ts, 0.5, precision=precision)[k] == pytest.approx(0.5 * p.sigmas[k], rel=1e-12)
+    one = ddim_parameters(SCHED, ts, 1.0, FinalAlpha.ONE, precision=precision)
     assert one.alphas_prev[0] == 1.0 and one.sigmas[0] == 0.0
 
 
 def test_ddim_eta1_on_consecutive_steps_is_the_ddpm_posterior_variance():
     ts = np.arange(1, 1000)
-    sig = ddim_sigmas(SCHED, ts, 1.0)
+    sig = ddim_sigmas(SCHED, ts, 1.0, precision="float64")
     np.testing.assert_allclose(sig[1:] ** 2, SCHED.posterior_variance.numpy()[2:], rtol=1e-9)
+
+
+def release_ddim_tables(linear_start: float, linear_end: float, steps: int, eta: float) -> dict[str, np.ndarray]:
+    """The release's DDIM tables, computed as its code does: `register_schedule` (ddpm.py) stores alphas_cumprod
+    as a float32 buffer, `DDIMSampler.make_schedule` (ddim.py) passes that tensor to
+    `make_ddim_sampling_parameters` (ldm/modules/diffusionmodules/util.py), mixing torch float32 and numpy
+    float64 exactly as below."""
+    betas = (torch.linspace(linear_start ** 0.5, linear_end ** 0.5, 1000, dtype=torch.float64) ** 2).numpy()
+    alphacums = torch.tensor(np.cumprod(1. - betas, axis=0), dtype=torch.float32)
+    ddim_ts = np.asarray(list(range(0, 1000, 1000 // steps))) + 1
+    with warnings.catch_warnings():  # numpy 2 warns about torch's __array_wrap__ signature
+        warnings.simplefilter("ignore", DeprecationWarning)
+        alphas = alphacums[ddim_ts]
+        alphas_prev = np.asarray([alphacums[0]] + alphacums[ddim_ts[:-1]].tolist())
+        sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+        sqrt_one_minus = np.sqrt(1. - alphas)
+    as_np = lambda v: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)  # noqa: E731
+    return dict(timesteps=ddim_ts, alphas=as_np(alphas), alphas_prev=as_np(alphas_prev), sigmas=as_np(sigmas),
+                sqrt_one_minus_alphas=as_np(sqrt_one_minus))
+
+
+@pytest.mark.parametrize("steps", [200, 500])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_tables_are_the_releases_bit_for_bit_and_differ_from_float64(steps, eta):
+    ref = release_ddim_tables(B0, B1, steps, eta)
+    ts = ddim_timesteps(steps, 1000)
+    assert ts.tolist() == ref["timesteps"].tolist()
+    p = ddim_parameters(SCHED, ts, eta)  # the default is the release's float32 tables
+    assert p.precision is TablePrecision.FLOAT32
+    for name in ("alphas", "alphas_prev", "sigmas", "sqrt_one_minus_alphas"):
+        ours, theirs = getattr(p, name), ref[name]
+        assert ours.dtype == theirs.dtype, (name, ours.dtype, theirs.dtype)
+        assert np.array_equal(ours, theirs), (name, np.max(np.abs(ours.astype(np.float64) - theirs)))
+    # the step's eps coefficient, (1 - a_prev - sigma_t**2).sqrt() on float32 values (IEEE float32 arithmetic)
+    ap, sg = ref["alphas_prev"].astype(np.float32), ref["sigmas"].astype(np.float32)
+    assert np.array_equal(p.dir_coefs, np.sqrt(np.float32(1.0) - ap - sg * sg))
+
+    p64 = ddim_parameters(SCHED, ts, eta, precision="float64")
+    assert p64.alphas.dtype == np.float64 and not np.array_equal(p64.alphas, p.alphas)
+    assert not np.array_equal(p64.sqrt_one_minus_alphas, p.sqrt_one_minus_alphas)
+    if eta == 0.0:
+        assert np.all(p.sigmas == 0.0) and np.all(p64.sigmas == 0.0)
+    else:
+        rel = np.abs(p64.sigmas / p.sigmas - 1.0)
+        assert not np.array_equal(p64.sigmas, p.sigmas)
+        # measured: 2.5e-6 (200 steps) and 7.0e-6 (500 steps) relative, where 1 - a_t / a_prev is small
+        assert 1e-7 < rel.max() < 1e-5, rel.max()
+
+
+def test_table_precision_reaches_every_sampler():
+    """A sampler config's table_precision decides the tables of DDIM, PLMS and DDPM (release: float32 buffers)."""
+    base = _sampler_base()
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    f = lambda x, t: torch.tanh(x) + 1e-3 * t.view(-1, 1, 1, 1).float()  # noqa: E731
+    for kind, steps, eta in [("ddim", 500, 1.0), ("plms", 20, 0.0), ("ddpm", 50, 1.0)]:
+        out = {}
+        for precision in ("float32", "float64"):
+            c = validate_sampler_cfg({**base, "kind": kind, "steps": steps, "eta": eta, "table_precision": precision})
+            out[precision] = run_sampler(c, f, x_T, SCHED, rng=StackedRandomGenerator([3, 4])).x
+        assert not torch.equal(out["float32"], out["float64"]), kind
+        torch.testing.assert_close(out["float32"], out["float64"], rtol=0, atol=1e-3)
+
+
+def test_ddpm_tables_are_the_releases_float32_buffers():
+    """The release's p_sample_loop reads register_schedule's buffers: float64 tables rounded to float32."""
+    tab = ddpm_tables(SCHED)
+    for name in ("sqrt_recip_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2"):
+        assert tab[name].dtype == np.float32
+        assert np.array_equal(tab[name], torch.tensor(getattr(SCHED, name).numpy(), dtype=torch.float32).numpy())
+    lv = tab["posterior_log_variance_clipped"]
+    assert tab["std"].dtype == np.float32 and np.array_equal(tab["std"], np.exp(np.float32(0.5) * lv))
+    assert ddpm_tables(SCHED, "float64")["std"].dtype == np.float64
 
 
 # ---- DDIM sampling ----------------------------------------------------------------------------------------------
@@ -473,8 +550,10 @@ def test_expected_sampler_group_files_exist():
 @pytest.mark.parametrize("path", SAMPLER_YAMLS, ids=lambda p: p.stem)
 def test_every_sampler_config_validates(path):
     assert path.read_text().startswith("#"), f"{path.name} must open with a comment naming its source"
-    cfg = validate_sampler_cfg(OmegaConf.load(path))
-    assert cfg.source
+    raw = OmegaConf.load(path)
+    assert "table_precision" in raw, f"{path.name} must record the table precision"
+    cfg = validate_sampler_cfg(raw)
+    assert cfg.source and cfg.table_precision == "float32"  # the release's tables
 
 
 def test_paper_sampler_values():
@@ -495,6 +574,7 @@ def _sampler_base() -> dict:
     ({"stepz": 3}, r"sampler\.stepz"),
     ({"kind": "euler"}, r"'euler'.*ddim.*plms.*ddpm"),
     ({"spacing": "quad"}, r"'quad'.*original.*exact"),
+    ({"table_precision": "float16"}, r"sampler\.table_precision.*'float16'.*float32.*float64"),
     ({"kind": "plms", "eta": 1.0}, "plms"),
     ({"kind": "ddpm", "eta": 0.0, "steps": 1000}, "ddpm"),
     ({"steps": 300}, r"sampler\.steps"),
@@ -525,3 +605,14 @@ def test_run_sampler_dispatches(kind, steps, eta):
     res = run_sampler(c, oracle(x0), x_T, SCHED, rng=StackedRandomGenerator([0, 1]))
     torch.testing.assert_close(res.pred_x0, x0, rtol=0, atol=2e-5)
     assert res.num_steps == steps
+
+
+def test_table_precision_is_in_the_sample_stage_fingerprint(tmp_path):
+    from replication.config import validate_config
+    from replication.stages.common import compose, fingerprint
+
+    cfgs = {p: compose(["experiment=smoke", f"runs_root={tmp_path}", f"sampler.table_precision={p}"])
+            for p in ("float32", "float64")}
+    assert validate_config(cfgs["float64"])["sampler"].table_precision == "float64"
+    assert fingerprint("sample", cfgs["float32"]) != fingerprint("sample", cfgs["float64"])
+    assert fingerprint("train_ldm", cfgs["float32"]) == fingerprint("train_ldm", cfgs["float64"])

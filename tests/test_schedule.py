@@ -85,6 +85,19 @@ def test_linear_is_linear_in_sqrt_beta_and_hits_the_config_ends():
                                rtol=1e-7)
 
 
+@pytest.mark.parametrize("kind,b0,b1", [("linear", B0, B1), ("linear", 0.0015, 0.0155), ("sqrt_linear", B0, B1),
+                                        ("sqrt", B0, B1)])
+def test_betas_and_alphas_cumprod_are_the_releases_float64_values(kind, b0, b1):
+    """Bit for bit the original make_beta_schedule (torch.linspace in float64) and register_schedule (np.cumprod of
+    1 - betas), so the float32 buffers the release's samplers read are the same numbers."""
+    lin = (lambda a, b: torch.linspace(a, b, T, dtype=torch.float64))  # noqa: E731
+    ref = {"linear": lin(b0 ** 0.5, b1 ** 0.5) ** 2, "sqrt_linear": lin(b0, b1), "sqrt": lin(b0, b1) ** 0.5}[kind]
+    ref = ref.numpy()
+    sched = Schedule.make(kind, T, b0, b1)
+    assert np.array_equal(sched.betas.numpy(), ref)
+    assert np.array_equal(sched.alphas_cumprod.numpy(), np.cumprod(1. - ref, axis=0))
+
+
 def test_cosine_alpha_bar_is_the_squared_cosine():
     s = 8e-3
     sched = Schedule.make(ScheduleKind.COSINE, T, B0, B1, cosine_s=s)

@@ -10,7 +10,8 @@ from typing import Any, Mapping, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from replication.diffusion.ddim import DDIMSpacing, NoiseSource, SampleResult, StepCallback, ddim_loop, ddim_timesteps
+from replication.diffusion.ddim import (DDIMSpacing, NoiseSource, SampleResult, StepCallback, TablePrecision, ddim_loop,
+                                        ddim_timesteps)
 from replication.diffusion.ddpm import ddpm_loop
 from replication.diffusion.lr_schedule import LRWarmupKind, make_lr_multiplier
 from replication.diffusion.objective import LossType, Parameterization
@@ -76,6 +77,9 @@ class SamplerConfig:
     steps: int = MISSING
     eta: float = MISSING
     spacing: str = DDIMSpacing.ORIGINAL.value
+    # float32: the sampler tables come from the float32 alphas_cumprod buffer, as the release's
+    # DDIMSampler.make_schedule (`alphas_cumprod = self.model.alphas_cumprod`); float64: from the float64 schedule
+    table_precision: str = TablePrecision.FLOAT32.value
     guidance_scale: float = 1.0  # 1 = no guidance (original ddim.py convention)
     num_samples: int = MISSING
     batch_size: int = MISSING
@@ -157,6 +161,7 @@ def validate_sampler_cfg(cfg: Mapping[str, Any] | DictConfig, num_timesteps: int
     """Check the `sampler` group against the schedule length and return it as a typed SamplerConfig."""
     c: SamplerConfig = _to_schema(cfg, SamplerConfig, path)
     _enum(DDIMSpacing, c.spacing, f"{path}.spacing")
+    _enum(TablePrecision, c.table_precision, f"{path}.table_precision")
     if not c.eta >= 0.0:
         raise ConfigError(f"{path}.eta must be >= 0, got {c.eta}")
     kind = _enum(SamplerKind, c.kind, f"{path}.kind")
@@ -187,10 +192,13 @@ def run_sampler(cfg: SamplerConfig, denoiser, x_T, schedule: Schedule, rng: Opti
     """Dispatch to the sampler named by cfg.kind. Guidance is applied by wrapping `denoiser` beforehand
     (guidance.classifier_free)."""
     kind = _enum(SamplerKind, cfg.kind, "sampler.kind")
+    precision = _enum(TablePrecision, cfg.table_precision, "sampler.table_precision")
     if kind is SamplerKind.DDIM:
-        return ddim_loop(denoiser, x_T, schedule, cfg.steps, cfg.eta, rng, cfg.spacing, progress, callback)
+        return ddim_loop(denoiser, x_T, schedule, cfg.steps, cfg.eta, rng, cfg.spacing, progress, callback,
+                         precision=precision)
     if kind is SamplerKind.PLMS:
-        return plms_loop(denoiser, x_T, schedule, cfg.steps, cfg.eta, cfg.spacing, progress, callback)
+        return plms_loop(denoiser, x_T, schedule, cfg.steps, cfg.eta, cfg.spacing, progress, callback,
+                         precision=precision)
     if kind is SamplerKind.DDPM:
-        return ddpm_loop(denoiser, x_T, schedule, cfg.steps, rng, cfg.spacing, progress, callback)
+        return ddpm_loop(denoiser, x_T, schedule, cfg.steps, rng, cfg.spacing, progress, callback, precision)
     raise ConfigError(f"unknown sampler kind {cfg.kind!r}; allowed values: {[k.value for k in SamplerKind]}")

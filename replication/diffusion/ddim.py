@@ -15,6 +15,13 @@ alphas_prev = [alphas_cumprod[0]] + alphas_cumprod[timesteps[:-1]], i.e. the las
 level of t=0 (alphas_cumprod[0] = 1 - beta_0 of the *full* table), not on a clean sample.
 FinalAlpha.ONE instead uses a_prev = 1 at the last step (DDIM paper's alpha_0 := 1), returning the clean
 x0 prediction; it is not the original's behaviour and is off by default.
+
+Table precision (`TablePrecision`, config key sampler.table_precision): the original's `DDIMSampler.make_schedule`
+reads the model's float32 `alphas_cumprod` buffer (`register_schedule` stores every table as float32), so its
+tables hold float32 alphas and sigmas computed from float32 inputs (PROTOCOL §7). FLOAT32 (the default) builds
+the tables with the same values and dtypes; FLOAT64 reads the float64 schedule, which moves the eta = 1 sigmas
+by up to 7e-6 relative at 400-500 steps and 2.5e-6 at 200 (measured for linear 0.0015-0.0195; 1 - a_t / a_prev
+is small there).
 """
 from __future__ import annotations
 
@@ -48,6 +55,11 @@ class DDIMSpacing(str, Enum):
 class FinalAlpha(str, Enum):
     ORIGINAL = "original"  # a_prev of the last step = alphas_cumprod[0] (CompVis release)
     ONE = "one"            # a_prev of the last step = 1 (returns the clean x0 prediction)
+
+
+class TablePrecision(str, Enum):
+    FLOAT32 = "float32"  # tables from the float32 alphas_cumprod buffer, as the release's DDIMSampler.make_schedule
+    FLOAT64 = "float64"  # tables from the float64 schedule
 
 
 @dataclass
@@ -90,42 +102,76 @@ def ddim_timesteps(num_steps: int, num_timesteps: int = 1000,
 
 @dataclass(frozen=True)
 class DDIMParameters:
-    """Per-step scalars in float64, aligned with the ascending timesteps."""
+    """Per-step tables aligned with the ascending timesteps. With TablePrecision.FLOAT32 they hold the release's
+    values and dtypes: alphas and sqrt_one_minus_alphas float32, alphas_prev float64 (holding float32 values, as
+    the release's np.asarray of a list does), sigmas float64 (computed from the float32 alphas, with the release's
+    float32 roundings). With FLOAT64 all are float64."""
 
     timesteps: np.ndarray
-    alphas: np.ndarray       # alpha_bar at t_k
-    alphas_prev: np.ndarray  # alpha_bar the step lands on
+    alphas: np.ndarray                 # alpha_bar at t_k
+    alphas_prev: np.ndarray            # alpha_bar the step lands on
     sigmas: np.ndarray
+    sqrt_one_minus_alphas: np.ndarray  # sqrt(1 - alpha_bar at t_k), the release's ddim_sqrt_one_minus_alphas
+    dir_coefs: np.ndarray              # sqrt(1 - a_prev - sigma^2), the coefficient of eps pointing to x_t
+    precision: TablePrecision = TablePrecision.FLOAT32
+
+
+def _alphas_cumprod(schedule: Schedule, precision: TablePrecision) -> np.ndarray:
+    ac = schedule.alphas_cumprod.numpy()
+    # float32: the release's registered buffer, torch.tensor(alphas_cumprod, dtype=float32): round to nearest
+    return ac.astype(np.float32) if precision is TablePrecision.FLOAT32 else ac
 
 
 def ddim_parameters(schedule: Schedule, timesteps: np.ndarray, eta: float,
-                    final_alpha: FinalAlpha | str = FinalAlpha.ORIGINAL) -> DDIMParameters:
-    """sigma_k = eta * sqrt((1 - a_prev)/(1 - a) * (1 - a/a_prev)) (DDIM Eq. 16), a_prev per the original."""
+                    final_alpha: FinalAlpha | str = FinalAlpha.ORIGINAL,
+                    precision: TablePrecision | str = TablePrecision.FLOAT32) -> DDIMParameters:
+    """sigma_k = eta * sqrt((1 - a_prev)/(1 - a) * (1 - a/a_prev)) (DDIM Eq. 16), a_prev per the original, in the
+    arithmetic of the release's make_ddim_sampling_parameters for FLOAT32 (see TablePrecision)."""
     final_alpha = parse_enum(FinalAlpha, final_alpha, "final_alpha")
+    precision = parse_enum(TablePrecision, precision, "table_precision")
     if not (eta >= 0.0 and math.isfinite(eta)):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     ts = np.asarray(timesteps, dtype=np.int64)
     check_timesteps(ts, schedule.num_timesteps)
-    ac = schedule.alphas_cumprod.numpy()
+    ac = _alphas_cumprod(schedule, precision)
     alphas = ac[ts]
     first_prev = ac[0] if final_alpha is FinalAlpha.ORIGINAL else 1.0
+    # a list of float32 scalars made into an array is float64 in the release, and so here
     alphas_prev = np.concatenate([[first_prev], ac[ts[:-1]]]).astype(np.float64)
-    sigmas = eta * np.sqrt((1.0 - alphas_prev) / (1.0 - alphas) * (1.0 - alphas / alphas_prev))
-    return DDIMParameters(timesteps=ts, alphas=alphas, alphas_prev=alphas_prev, sigmas=sigmas)
+    if precision is TablePrecision.FLOAT32:
+        # the release mixes a float32 tensor (alphas) with a float64 array (alphas_prev): 1 - alphas stays float32,
+        # and torch divides an array by a tensor as `tensor.reciprocal() * array`, so 1 / (1 - alphas) is rounded
+        # to float32 too; every other operation runs in float64 on the float32 values
+        recip = (np.float32(1.0) / (np.float32(1.0) - alphas)).astype(np.float64)
+        a64 = alphas.astype(np.float64)
+        sigmas = eta * np.sqrt((1.0 - alphas_prev) * recip * (1.0 - a64 / alphas_prev))
+        sqrt_one_minus = np.sqrt(np.float32(1.0) - alphas)  # float32, the release's np.sqrt(1. - ddim_alphas)
+        # the release's step evaluates (1 - a_prev - sigma^2).sqrt() on float32 tensors
+        ap32, s32 = alphas_prev.astype(np.float32), sigmas.astype(np.float32)
+        dir_coefs = np.sqrt(np.maximum(np.float32(1.0) - ap32 - s32 * s32, np.float32(0.0)))
+    else:
+        sigmas = eta * np.sqrt((1.0 - alphas_prev) / (1.0 - alphas) * (1.0 - alphas / alphas_prev))
+        sqrt_one_minus = np.sqrt(1.0 - alphas)
+        dir_coefs = np.sqrt(np.maximum(1.0 - alphas_prev - sigmas * sigmas, 0.0))
+    return DDIMParameters(timesteps=ts, alphas=alphas, alphas_prev=alphas_prev, sigmas=np.asarray(sigmas),
+                          sqrt_one_minus_alphas=sqrt_one_minus, dir_coefs=dir_coefs, precision=precision)
 
 
 def ddim_sigmas(schedule: Schedule, timesteps: np.ndarray, eta: float,
-                final_alpha: FinalAlpha | str = FinalAlpha.ORIGINAL) -> np.ndarray:
-    return ddim_parameters(schedule, timesteps, eta, final_alpha).sigmas
+                final_alpha: FinalAlpha | str = FinalAlpha.ORIGINAL,
+                precision: TablePrecision | str = TablePrecision.FLOAT32) -> np.ndarray:
+    return ddim_parameters(schedule, timesteps, eta, final_alpha, precision).sigmas
 
 
-def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, sigma: float,
+def ddim_update(x: torch.Tensor, eps: torch.Tensor, params: DDIMParameters, k: int,
                 noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step (Eq. 12): x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma * noise.
-    Scalars are float64 Python floats; tensors stay in their dtype (float32)."""
-    pred_x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
-    dir_coef = math.sqrt(max(1.0 - a_prev - sigma * sigma, 0.0))
-    x_prev = math.sqrt(a_prev) * pred_x0 + dir_coef * eps
+    """Step k of the table (Eq. 12): x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma * noise,
+    with x0_hat = (x - sqrt(1 - a_t) eps) / sqrt(a_t). The scalars come from `params` as Python floats (a float32
+    table's values stay exact; a float32 tensor op rounds a float64 square root of them to the float32 root);
+    tensors stay in their dtype (float32)."""
+    sigma = float(params.sigmas[k])
+    pred_x0 = (x - float(params.sqrt_one_minus_alphas[k]) * eps) / math.sqrt(float(params.alphas[k]))
+    x_prev = math.sqrt(float(params.alphas_prev[k])) * pred_x0 + float(params.dir_coefs[k]) * eps
     if sigma > 0.0:
         if noise is None:
             raise ValueError("sigma > 0 needs a noise tensor")
@@ -159,14 +205,15 @@ def ddim_loop(denoiser: Denoiser, x_T: torch.Tensor, schedule: Schedule, num_ste
               eta: float = 0.0, rng: Optional[NoiseSource] = None,
               spacing: DDIMSpacing | str = DDIMSpacing.ORIGINAL, progress: bool = False,
               callback: Optional[StepCallback] = None, final_alpha: FinalAlpha | str = FinalAlpha.ORIGINAL,
-              timesteps: Optional[np.ndarray] = None) -> SampleResult:
+              timesteps: Optional[np.ndarray] = None,
+              precision: TablePrecision | str = TablePrecision.FLOAT32) -> SampleResult:
     """Run DDIM from x_T (treated as the sample at the largest selected timestep). `timesteps` (ascending
-    original indices) overrides num_steps/spacing."""
+    original indices) overrides num_steps/spacing; `precision` picks the tables (TablePrecision)."""
     if timesteps is None:
         if num_steps is None:
             raise ValueError("give num_steps or an explicit timesteps list")
         timesteps = ddim_timesteps(num_steps, schedule.num_timesteps, spacing)
-    params = ddim_parameters(schedule, timesteps, eta, final_alpha)
+    params = ddim_parameters(schedule, timesteps, eta, final_alpha, precision)
     check_noise_source(rng, x_T, bool(np.any(params.sigmas > 0.0)), "DDIM")
     n = len(params.timesteps)
     x = x_T.float()
@@ -177,7 +224,7 @@ def ddim_loop(denoiser: Denoiser, x_T: torch.Tensor, schedule: Schedule, num_ste
         eps = call_denoiser(denoiser, x, t)
         sigma = float(params.sigmas[k])
         noise = rng.randn_like(x).float() if sigma > 0.0 else None
-        x, pred_x0 = ddim_update(x, eps, float(params.alphas[k]), float(params.alphas_prev[k]), sigma, noise)
+        x, pred_x0 = ddim_update(x, eps, params, k, noise)
         if callback is not None:
             callback(i, t, x, pred_x0)
     return SampleResult(x=x, pred_x0=pred_x0, timesteps=params.timesteps, num_steps=n, nfe=n)
@@ -187,6 +234,8 @@ def ddim_loop(denoiser: Denoiser, x_T: torch.Tensor, schedule: Schedule, num_ste
 def ddim_sample(denoiser: Denoiser, x_T: torch.Tensor, schedule: Schedule, num_steps: int, eta: float = 0.0,
                 rng: Optional[NoiseSource] = None, spacing: DDIMSpacing | str = DDIMSpacing.ORIGINAL,
                 progress: bool = False, callback: Optional[StepCallback] = None,
-                final_alpha: FinalAlpha | str = FinalAlpha.ORIGINAL) -> torch.Tensor:
+                final_alpha: FinalAlpha | str = FinalAlpha.ORIGINAL,
+                precision: TablePrecision | str = TablePrecision.FLOAT32) -> torch.Tensor:
     """DDIM sample (float32). Use ddim_loop for the step count actually run and the last x0 prediction."""
-    return ddim_loop(denoiser, x_T, schedule, num_steps, eta, rng, spacing, progress, callback, final_alpha).x
+    return ddim_loop(denoiser, x_T, schedule, num_steps, eta, rng, spacing, progress, callback, final_alpha,
+                     precision=precision).x

@@ -1,6 +1,7 @@
 # PLMS sampler: Liu et al. 2022 (PNDM), pseudo linear multistep on the DDIM transfer, as in the original release
 # (ldm/models/diffusion/plms.py): a pseudo improved-Euler warm-up step, then 2/3/4-step Adams-Bashforth on eps.
-"""PLMS sampling on the DDIM timesteps (same step selection and a_prev rule as ddim.py), eta = 0 only."""
+"""PLMS sampling on the DDIM timesteps (same step selection, a_prev rule and tables as ddim.py: the original's
+PLMSSampler.make_schedule builds them from the float32 alphas_cumprod buffer too), eta = 0 only."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from replication.diffusion.ddim import (DDIMSpacing, Denoiser, FinalAlpha, SampleResult, StepCallback,
+from replication.diffusion.ddim import (DDIMSpacing, Denoiser, FinalAlpha, SampleResult, StepCallback, TablePrecision,
                                         call_denoiser, ddim_parameters, ddim_timesteps, ddim_update)
 from replication.diffusion.schedule import Schedule
 
@@ -37,14 +38,15 @@ def combine_eps(eps: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
 def plms_loop(denoiser: Denoiser, x_T: torch.Tensor, schedule: Schedule, num_steps: Optional[int] = None,
               eta: float = 0.0, spacing: DDIMSpacing | str = DDIMSpacing.ORIGINAL, progress: bool = False,
               callback: Optional[StepCallback] = None, final_alpha: FinalAlpha | str = FinalAlpha.ORIGINAL,
-              timesteps: Optional[np.ndarray] = None) -> SampleResult:
+              timesteps: Optional[np.ndarray] = None,
+              precision: TablePrecision | str = TablePrecision.FLOAT32) -> SampleResult:
     if eta != 0.0:
         raise ValueError(f"PLMS is deterministic: eta must be 0, got {eta!r} (the original raises too)")
     if timesteps is None:
         if num_steps is None:
             raise ValueError("give num_steps or an explicit timesteps list")
         timesteps = ddim_timesteps(num_steps, schedule.num_timesteps, spacing)
-    params = ddim_parameters(schedule, timesteps, 0.0, final_alpha)
+    params = ddim_parameters(schedule, timesteps, 0.0, final_alpha, precision)
     n = len(params.timesteps)
     x = x_T.float()
     pred_x0 = x
@@ -52,19 +54,18 @@ def plms_loop(denoiser: Denoiser, x_T: torch.Tensor, schedule: Schedule, num_ste
     nfe = 0
     for i, k in enumerate(tqdm(range(n - 1, -1, -1), total=n, desc=f"PLMS ({n} steps)", disable=not progress)):
         t = int(params.timesteps[k])
-        a_t, a_prev = float(params.alphas[k]), float(params.alphas_prev[k])
         eps = call_denoiser(denoiser, x, t)
         nfe += 1
         if not history:
             # Pseudo improved Euler (2nd order): average eps here and at the provisional next point. The
             # original evaluates the last step's provisional point at the same t (t_next clamps to the end).
-            x_next, _ = ddim_update(x, eps, a_t, a_prev, 0.0, None)
+            x_next, _ = ddim_update(x, eps, params, k, None)
             t_next = int(params.timesteps[max(k - 1, 0)])
             eps_prime = 0.5 * (eps + call_denoiser(denoiser, x_next, t_next))
             nfe += 1
         else:
             eps_prime = combine_eps(eps, history)
-        x, pred_x0 = ddim_update(x, eps_prime, a_t, a_prev, 0.0, None)
+        x, pred_x0 = ddim_update(x, eps_prime, params, k, None)
         history.append(eps)
         if len(history) > HISTORY:
             history.pop(0)
@@ -77,6 +78,8 @@ def plms_loop(denoiser: Denoiser, x_T: torch.Tensor, schedule: Schedule, num_ste
 def plms_sample(denoiser: Denoiser, x_T: torch.Tensor, schedule: Schedule, num_steps: int, eta: float = 0.0,
                 rng: object = None, spacing: DDIMSpacing | str = DDIMSpacing.ORIGINAL, progress: bool = False,
                 callback: Optional[StepCallback] = None,
-                final_alpha: FinalAlpha | str = FinalAlpha.ORIGINAL) -> torch.Tensor:
+                final_alpha: FinalAlpha | str = FinalAlpha.ORIGINAL,
+                precision: TablePrecision | str = TablePrecision.FLOAT32) -> torch.Tensor:
     """PLMS sample; same calling convention as ddim_sample (rng is accepted and unused: PLMS draws no noise)."""
-    return plms_loop(denoiser, x_T, schedule, num_steps, eta, spacing, progress, callback, final_alpha).x
+    return plms_loop(denoiser, x_T, schedule, num_steps, eta, spacing, progress, callback, final_alpha,
+                     precision=precision).x

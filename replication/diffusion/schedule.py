@@ -66,12 +66,17 @@ def make_betas(kind: ScheduleKind | str, timesteps: int, linear_start: float, li
         if not (0.0 < linear_start <= linear_end < 1.0):
             raise ValueError(f"need 0 < linear_start <= linear_end < 1, got linear_start={linear_start!r}, "
                              f"linear_end={linear_end!r}")
+        # float64 torch ops, as the original: torch.linspace's points differ from np.linspace's in the last bit of
+        # about a third of the betas (and torch's CPU square root from numpy's in some), so alphas_cumprod and every
+        # table built on it equal the release's float64 values
+        ramp = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, T, dtype=torch.float64) \
+            if kind is ScheduleKind.LINEAR else torch.linspace(linear_start, linear_end, T, dtype=torch.float64)
         if kind is ScheduleKind.LINEAR:
-            betas = np.linspace(math.sqrt(linear_start), math.sqrt(linear_end), T, dtype=np.float64) ** 2
+            betas = (ramp ** 2).numpy()
         elif kind is ScheduleKind.SQRT_LINEAR:
-            betas = np.linspace(linear_start, linear_end, T, dtype=np.float64)
+            betas = ramp.numpy()
         else:  # ScheduleKind.SQRT
-            betas = np.linspace(linear_start, linear_end, T, dtype=np.float64) ** 0.5
+            betas = (ramp ** 0.5).numpy()
     return np.asarray(betas, dtype=np.float64)
 
 
