@@ -7,6 +7,7 @@ per experiment; sample grids. A figure that shows a not-comparable run says so i
 from __future__ import annotations
 
 import io
+import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from .files import write_bytes, write_text
 
@@ -66,38 +68,78 @@ def _new(ncols: int = 1, width: float = 5.5, height: float = 4.0) -> tuple[Figur
     return fig, axes
 
 
+ANNOTATIONS_KEY = "Annotations"  # PNG text chunk: JSON list of the figure's point labels (see figure_annotations)
+
+
+def figure_annotations(fig: Figure) -> list[dict]:
+    """Every point label of `fig`, read from its matplotlib artists: {"axes": i, "text", "xy": [x, y], "points":
+    the data points [[x, y], ...] drawn in the same axes (lines and scatter markers)}."""
+    out = []
+    for i, ax in enumerate(fig.axes):
+        texts = [t for t in ax.texts if hasattr(t, "xy")]
+        if not texts:
+            continue
+        points = [[float(x), float(y)] for line in ax.lines for x, y in line.get_xydata()]
+        points += [[float(x), float(y)] for coll in ax.collections for x, y in np.asarray(coll.get_offsets()).reshape(-1, 2)]
+        for t in texts:
+            out.append({"axes": i, "text": t.get_text(), "xy": [float(t.xy[0]), float(t.xy[1])], "points": points})
+    return out
+
+
 def _save(fig: Figure, path: str | Path, title: str) -> Path:
-    """PNG with the title also stored as PNG text metadata ("Title"), so tools and tests can read it."""
+    """PNG with the title stored as PNG text metadata ("Title"), and the point labels as JSON ("Annotations",
+    from `figure_annotations`), so tools and tests can check what the figure shows."""
     fig.tight_layout()
+    metadata = {"Title": title.replace("\n", " ")}
+    labels = figure_annotations(fig)
+    if labels:
+        metadata[ANNOTATIONS_KEY] = json.dumps(labels)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Title": title.replace("\n", " ")})
+    fig.savefig(buf, format="png", dpi=DPI, metadata=metadata)
     return write_bytes(path, buf.getvalue())
 
 
+def _plain_number(value: float, _pos=None) -> str:
+    """Tick text without powers of ten: 0.5, 2, 20, 1,500."""
+    if value >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:g}"
+
+
 def _log_if_wide(ax, values: Iterable[float], axis: str = "x") -> None:
+    """Log scale when the values span a factor of 10 or more, ticked at 1, 2, 5 x 10^k with plain-number labels
+    (matplotlib's default labels every minor tick of a short log axis with overlapping powers of ten)."""
     v = [x for x in values if x and x > 0]
-    if v and max(v) / min(v) >= 10:
-        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    if not v or max(v) / min(v) < 10:
+        return
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+    target.set_major_formatter(FuncFormatter(_plain_number))
+    target.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10)), numticks=12))
+    target.set_minor_formatter(NullFormatter())
 
 
 def _lines(ax, series: Sequence[Series]) -> None:
+    """One line per series through its points in x order; each point keeps its own annotation."""
     for s in series:
         order = np.argsort(np.asarray(s.x, dtype=float), kind="stable")
         x = np.asarray(s.x, dtype=float)[order]
         y = np.asarray(s.y, dtype=float)[order]
         ax.plot(x, y, marker="o", linestyle="-" if s.comparable else "--", label=_label(s))
-        for i, text in zip(order, s.annotations):
-            ax.annotate(str(text), (float(s.x[i]), float(s.y[i])), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if s.annotations:
+            for i in order:
+                ax.annotate(str(s.annotations[i]), (float(s.x[i]), float(s.y[i])), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
     if series:
         ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
 
 
-def plot_curves(
-    series: Sequence[Series], path: str | Path, title: str, xlabel: str, ylabel: str,
-    reference: Sequence[tuple[str, float, float]] = (),
-) -> Path:
-    """A line per series; `reference` adds single starred points (label, x, y), e.g. the paper's table value."""
+def curves_figure(
+    series: Sequence[Series], title: str, xlabel: str, ylabel: str, reference: Sequence[tuple[str, float, float]] = (),
+) -> tuple[Figure, str]:
+    """The figure of `plot_curves` and its full title, unsaved."""
     fig, (ax,) = _new()
     _lines(ax, series)
     for label, x, y in reference:
@@ -109,6 +151,15 @@ def plot_curves(
     ax.set_ylabel(ylabel)
     full = title_for(title, [s.comparable for s in series])
     ax.set_title(full, fontsize=9)
+    return fig, full
+
+
+def plot_curves(
+    series: Sequence[Series], path: str | Path, title: str, xlabel: str, ylabel: str,
+    reference: Sequence[tuple[str, float, float]] = (),
+) -> Path:
+    """A line per series; `reference` adds single starred points (label, x, y), e.g. the paper's table value."""
+    fig, full = curves_figure(series, title, xlabel, ylabel, reference)
     return _save(fig, path, full)
 
 
