@@ -15,10 +15,16 @@ import torch
 from tqdm import tqdm
 
 from replication.metrics.features import POOL, FeatureExtractor
-from replication.utils.io import ArtifactError, atomic_path
+from replication.utils.io import ArtifactError, atomic_path, check_free_space
 
 NPZ_FORMAT_VERSION = 1
 _META_KEYS = ("dataset", "split", "preprocessing_hash", "extractor", "num_images", "format_version")
+
+
+def stats_nbytes(dim: int, pr_count: int) -> int:
+    """Bytes of a statistics file for `dim`-d features: float64 mean and covariance, float32 precision/recall
+    subset, plus 64 KiB for the metadata and the npz container."""
+    return 8 * dim + 8 * dim * dim + 4 * dim * pr_count + (64 << 10)
 
 
 class ReferenceMismatchError(ValueError):
@@ -38,6 +44,8 @@ class ReferenceStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
+        check_free_space(path.parent, stats_nbytes(int(self.mu.shape[0]), len(self.pr_features)),
+                         what=f"reference statistics {path.name}")
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file handle: np.savez would append ".npz"
             np.savez(
                 fh, mu=self.mu.astype(np.float64), sigma=self.sigma.astype(np.float64),
@@ -230,6 +238,10 @@ def load_or_compute_reference(
             "cached reference statistics %s cover %d images (%d for precision/recall); the reference set now has %d "
             "(%d wanted): recomputing", path, stats.num_images, len(stats.pr_features), expected_images,
             min(pr_count, expected_images))
+    # checked before the features are computed as well as when the file is written
+    rows = pr_count if expected_images is None else min(pr_count, expected_images)
+    check_free_space(path.parent, stats_nbytes(extractor.feature_dims[POOL], rows),
+                     what=f"reference statistics {path.name}")
     stats = compute_reference_stats(image_batches_fn(), extractor, dataset, split, preprocessing_hash,
                                     pr_count, seed, progress)
     stats.save(path)
