@@ -103,9 +103,10 @@ def autoencoder_params(ae_cfg) -> tuple[int, int]:
 
     model = _param_count(lambda: make_first_stage(ae_cfg.kind, ae_cfg.ddconfig, ae_cfg.embed_dim, ae_cfg.n_embed))
     disc = 0
-    if ae_cfg.loss is not None:
-        disc = _param_count(lambda: NLayerDiscriminator(input_nc=ae_cfg.loss.disc_in_channels,
-                                                        n_layers=ae_cfg.loss.disc_num_layers))
+    if ae_cfg.loss is not None:  # a few million parameters: built on the CPU, since its normal_() initialisation
+        # on the meta device would import torch._dynamo (seconds)
+        module = NLayerDiscriminator(input_nc=ae_cfg.loss.disc_in_channels, n_layers=ae_cfg.loss.disc_num_layers)
+        disc = sum(p.numel() for p in module.parameters())
     return model, disc
 
 
@@ -132,7 +133,10 @@ def _train_images(dataset) -> Optional[int]:
     if dataset.family.value == "builtin":
         n = dataset.builtin.num_train
         return n if dataset.max_images is None else min(n, dataset.max_images)
-    return _prepared_images(dataset)
+    total = DATASET_IMAGES.get(dataset.name)  # train + val: an upper bound of the training split
+    if dataset.max_images is not None:
+        return dataset.max_images if total is None else min(total, dataset.max_images)
+    return total
 
 
 def _kept_states(steps: int, every: int, keep_last: int) -> int:
@@ -180,6 +184,9 @@ def estimate_disk_needs(typed: dict[str, Any]) -> list[Need]:
         states = _kept_states(ae.train.steps, ae.train.ckpt_every, AE_KEEP_LAST)
         needs.append(Need(f"autoencoder weights and {states} checkpoint(s) ({model:,} + {disc:,} discriminator "
                           "parameters)", run_dir, (model + states * ADAM_STATE_COPIES * (model + disc)) * FLOAT32))
+    elif todo("train_autoencoder") and ae.pretrained is not None:  # imported weights are saved as safetensors
+        model, _ = autoencoder_params(ae)
+        needs.append(Need(f"imported autoencoder weights ({model:,} parameters)", run_dir, model * FLOAT32))
     if root.kind == ExperimentKind.ldm:
         trainer, sampler = typed["trainer"], typed["sampler"]
         f = downsampling_factor(ae)
@@ -189,7 +196,10 @@ def estimate_disk_needs(typed: dict[str, Any]) -> list[Need]:
             flips = 2 if dataset.flip_train else 1
             needs.append(Need(f"latent cache ({n_train} x {flips} flip(s) x {channels}x{latent_side}x{latent_side} "
                               "float32)", run_dir, n_train * flips * channels * latent_side ** 2 * FLOAT32))
-        if todo("train_ldm") and trainer.pretrained is None:
+        if todo("train_ldm") and trainer.pretrained is not None:  # imported U-Net saved as raw and EMA weights
+            params = unet_params(typed)
+            needs.append(Need(f"imported LDM weights ({params:,} parameters)", run_dir, 2 * params * FLOAT32))
+        elif todo("train_ldm"):
             params = unet_params(typed)
             weights = params * FLOAT32
             state_copies = ADAM_STATE_COPIES + (1 if trainer.use_ema else 0)
@@ -260,8 +270,7 @@ def check_cli_overrides(argv: list[str]) -> Optional[str]:
 
     try:
         cfg = compose(argv)
-    except Exception as exc:  # noqa: BLE001 (Hydra reports its own override errors when it runs)
-        del exc
+    except Exception:  # noqa: BLE001 (an override Hydra cannot compose: Hydra reports it itself when it runs)
         return None
     try:
         typed = validate_config(cfg)

@@ -230,6 +230,17 @@ def test_reference_statistics_are_not_computed_without_room(tmp_path, monkeypatc
     assert computed == [] and list(tmp_path.iterdir()) == []
 
 
+def test_disk_estimate_of_a_paper_run_counts_each_part(tmp_path):
+    typed = validate_config(compose(["experiment=lsun_churches_ldm8", f"runs_root={tmp_path / 'runs'}",
+                                     "stages=[prepare,encode_latents,sample]", "trainer.pretrained=/w/model.ckpt"]))
+    needs = {n.what.split(" (")[0]: n.nbytes for n in preflight.estimate_disk_needs(typed)}
+    side = 256
+    assert needs["prepared images"] == 126_227 * side * side * 3  # LSUN church_outdoor, train + val
+    assert needs["latent cache"] == 126_227 * 2 * 8 * 32 * 32 * 4  # both flips of KL f8 moments (2 x 4 channels)
+    assert needs["samples"] == 50_000 * side * side * 3
+    assert set(needs) == {"prepared images", "latent cache", "samples"}  # only the selected stages count
+
+
 def _du(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
@@ -242,7 +253,8 @@ def short_smoke_run(tmp_path_factory):
                  "autoencoder.train.batch_size=2", "autoencoder.train.log_every=2", "trainer.steps=4",
                  "trainer.ckpt_every=2", "trainer.eval_every=2", "trainer.eval_num_samples=8", "trainer.log_every=2",
                  "sampler.num_samples=32", "curves.ddim_steps=[5]", "curves.num_samples=8", "sampler.steps=5",
-                 "stages=[prepare,train_autoencoder,encode_latents,train_ldm,sample]", "cpu_threads=1"]
+                 "stages=[prepare,train_autoencoder,encode_latents,train_ldm,sample]", "cpu_threads=1",
+                 "dataset.builtin.num_train=32", "dataset.builtin.num_val=8", "trainer.batch_size=4"]
     proc = subprocess.run([sys.executable, "-m", "replication.run", *overrides], cwd=REPO, env=env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
