@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -53,13 +55,20 @@ def test_notebook_renders_generated_reports(tmp_path, monkeypatch):
         (runs / name).mkdir(parents=True)
         (runs / name / "metrics.json").write_text(json.dumps(_run(name, comparable, fid)))
     build_report(runs, reports, PAPER_DIR)
+    # a figure no page links (left by something else) is not shown
+    shutil.copyfile(reports / "figures" / "smoke_fid_vs_ddim_steps.png", reports / "figures" / "ghost_fid_vs_ddim_steps.png")
     nb = _execute(reports, monkeypatch)
     text = _text(nb)
     assert "smoke" in text and "churches" in text
     assert "not comparable" in text and "num_samples" in text  # verdict and the flagged deviation
-    n_png = len(list((reports / "figures").glob("*.png")))
-    assert n_png > 0 and f"{n_png} figure(s) shown" in text
-    assert sum("image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", [])) == n_png
+    pages = [reports / "summary.md", reports / "smoke.md", reports / "churches.md"]
+    linked = {m for p in pages for m in re.findall(r"\]\((figures/[^)]+\.png)\)", p.read_text())}
+    assert {"figures/smoke_fid_vs_throughput.png", "figures/churches_fid_vs_ddim_steps.png", "figures/fid_vs_ddim_steps.png"} <= linked
+    shown = [out["data"]["text/markdown"].strip("*") for c in nb.cells for out in c.get("outputs", [])
+             if out.get("data", {}).get("text/markdown", "").endswith(".png**")]
+    assert sorted(shown) == sorted(Path(rel).name for rel in linked)
+    assert f"{len(linked)} figure(s) shown" in text
+    assert sum("image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", [])) == len(linked)
     assert "No runs yet" not in text
 
 

@@ -95,11 +95,24 @@ def built(tmp_path_factory):
     _write(runs, "churches_full", S.METRICS_FILE, comparable_run())
     _write(runs, "smoke", S.METRICS_FILE, smoke_run())
     _write(runs, "ae_kl_f8", S.RECON_METRICS_FILE, recon_run())
-    rng = np.random.default_rng(0)
-    (runs / "smoke" / "samples").mkdir()
-    np.save(runs / "smoke" / "samples" / "shard_00000.npy", rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8))
+    write_sample_folder(runs / "smoke", np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8))
     result = build_report(runs, out, PAPER_DIR)
     return out, result
+
+
+def write_sample_folder(run_dir: Path, images: np.ndarray, shard_size: int = 4) -> Path:
+    """A finished sample folder as the sample stage leaves it: its folder, shard names and index.json keys."""
+    from replication.stages.artifacts import SAMPLES_DIR
+    from replication.stages.sample import SHARD_PATTERN
+
+    out = run_dir / SAMPLES_DIR
+    out.mkdir(parents=True)
+    num_shards = -(-len(images) // shard_size)
+    for s in range(num_shards):
+        np.save(out / SHARD_PATTERN.format(s), images[s * shard_size:(s + 1) * shard_size])
+    (out / "index.json").write_text(json.dumps({"num_samples": len(images), "shard_size": shard_size, "num_shards": num_shards,
+                                                "steps": 5, "made_now": len(images), "img_per_s": 1.0}))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,3 +433,39 @@ def test_loss_curve_follows_the_training_that_made_the_weights():
                                              {"step": 10, "loss": 0.45}, {"step": 15, "loss": 0.3}]
     legacy = [{"event": "train", "step": s, "loss": float(s)} for s in (1, 2)]  # stats from before the markers
     assert train_loss_curve(legacy) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+
+
+def test_grid_of_a_finished_sample_folder_shows_its_first_samples(tmp_path):
+    """The sample stage's layout (sample/samples/shard_XXXXXX.npy + index.json), several shards: the report's
+    grid holds the first samples in order, across shard boundaries."""
+    runs = tmp_path / "runs"
+    run = smoke_run()
+    run["curves"] = {}
+    _write(runs, "smoke", S.METRICS_FILE, run)
+    images = np.random.default_rng(1).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    write_sample_folder(runs / "smoke", images, shard_size=4)
+    result = build_report(runs, tmp_path / "rep", PAPER_DIR, grid_images=6, grid_nrow=3)
+    grid = tmp_path / "rep" / "figures" / "smoke_samples.png"
+    assert str(grid) in result["written"] and "figures/smoke_samples.png" in (tmp_path / "rep" / "smoke.md").read_text()
+    expected = sample_grid(images[:6], tmp_path / "expected.png", nrow=3, title=NOT_COMPARABLE_TAG)
+    assert np.array_equal(np.asarray(Image.open(grid)), np.asarray(Image.open(expected)))
+
+
+def test_not_comparable_page_states_what_the_run_shows(tmp_path):
+    runs = tmp_path / "runs"
+    run = smoke_run()
+    run["curves"]["fid_vs_train_steps"] = [{"train_step": 300, "FID": 82.5}, {"train_step": 100, "FID": 80.2},
+                                           {"train_step": 200, "FID": 81.3}]
+    _write(runs, "smoke", S.METRICS_FILE, run)
+    ae = dict(recon_run(), experiment="smoke_ae", comparable=False, not_comparable_reasons=["smoke experiment"])
+    _write(runs, "smoke_ae", S.RECON_METRICS_FILE, ae)
+    _write(runs, "churches_full", S.METRICS_FILE, dict(comparable_run(), curves={}))
+    build_report(runs, tmp_path / "rep", PAPER_DIR, grid_images=0)
+    lines = [ln for ln in (tmp_path / "rep" / "smoke.md").read_text().splitlines() if ln.startswith("**What this run shows:**")]
+    assert lines == ["**What this run shows:** autoencoder reconstruction PSNR on the validation images n/a (not recorded "
+                     "by this run); FID 80.20 at the first training snapshot (step 100) and 82.50 at the last (step 300); "
+                     "a pipeline check, not the paper's protocol."]
+    ae_page = (tmp_path / "rep" / "smoke_ae.md").read_text()
+    assert "reconstruction PSNR on the validation images 24.00 dB;" in ae_page
+    assert "FID at the training snapshots n/a" in ae_page
+    assert "What this run shows" not in (tmp_path / "rep" / "churches_full.md").read_text()

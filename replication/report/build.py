@@ -1,7 +1,19 @@
-"""Single entry point of the report stage: read every run's metrics files, write markdown, CSV, JSON and figures."""
+"""The report: read the runs' metrics files, write markdown, CSV, JSON and figures into a reports folder; publish
+chosen finished reports from one reports folder (the pipeline's, under runs/) into another (the tracked reports/).
+
+Files of a reports folder:
+- per experiment: `<exp>.md`, `figures/<exp>_<figure>.png`, `plots/<exp>_<curve>.csv` (names in
+  `experiment_files`), and `metrics/<exp>/{metrics,recon_metrics}.json`, a copy of the metrics file it was made from;
+- the summary (`summary.md`, `summary.csv`, `metrics_summary.json`, `metrics_flat.json`, the figures and plots in
+  `SUMMARY_FIGURES` / `SUMMARY_PLOTS`), rebuilt from every metrics copy under `metrics/`: reporting or publishing
+  one experiment never drops the rows of another.
+Rebuilding an experiment's report first removes the files it owns, so no figure of an earlier build stays behind.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -12,7 +24,7 @@ from . import figures as F
 from . import schema as S
 from . import tables as T
 from .compare import ExperimentComparison, RunKind, compare_ldm, compare_recon
-from .files import write_json, write_text
+from .files import write_bytes, write_json, write_text
 from .paper import AUTOENCODER_KIND_FIRST_STAGE, LDM_PAPER_METRIC, PaperKeyError, PaperResults, load_paper_results
 from .verdict import Tolerance, rule_text
 
@@ -20,14 +32,52 @@ log = logging.getLogger(__name__)
 
 FIGURES_DIR = "figures"
 PLOTS_DIR = "plots"
+METRICS_COPIES_DIR = "metrics"  # metrics/<experiment>/<metrics file>: what the summary is built from
 SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
 METRICS_SUMMARY_JSON = "metrics_summary.json"
-SAMPLES_DIR = "samples"
-FIRST_SHARD = "shard_00000.npy"
+METRICS_FLAT_JSON = "metrics_flat.json"  # {experiment: {metric: value}}, the file `dvc metrics show` reads
 RECON_FIGURE = "recon_vs_f.png"
 DEFAULT_GRID_IMAGES = 64
 DEFAULT_GRID_NROW = 8
+
+# Per-experiment file names: figures/<experiment>_<name>.png and plots/<experiment>_<name>.csv.
+FIG_FID_VS_DDIM_STEPS = "fid_vs_ddim_steps"
+FIG_FID_VS_THROUGHPUT = "fid_vs_throughput"
+FIG_FID_VS_TRAIN_STEPS = "fid_vs_train_steps"
+FIG_TRAIN_LOSS = "train_loss"
+FIG_SAMPLES = "samples"
+EXPERIMENT_FIGURES = (FIG_FID_VS_DDIM_STEPS, FIG_FID_VS_THROUGHPUT, FIG_FID_VS_TRAIN_STEPS, FIG_TRAIN_LOSS, FIG_SAMPLES)
+PLOT_FID_VS_STEPS = "fid_vs_steps"
+PLOT_FID_VS_TRAIN_STEPS = "fid_vs_train_steps"
+PLOT_TRAIN_LOSS = "train_loss"
+EXPERIMENT_PLOTS = (PLOT_FID_VS_STEPS, PLOT_FID_VS_TRAIN_STEPS, PLOT_TRAIN_LOSS)
+SUMMARY_FIGURES = ("fid_vs_ddim_steps.png", "fid_vs_throughput.png", "fid_vs_train_steps.png", RECON_FIGURE,
+                   "fid_ours_vs_paper.png")
+SUMMARY_PLOTS = ("recon_vs_f.csv", "fid_ours_vs_paper.csv")
+SUMMARY_FILES = (SUMMARY_MD, SUMMARY_CSV, METRICS_SUMMARY_JSON, METRICS_FLAT_JSON)
+
+
+def figure_name(experiment: str, figure: str) -> str:
+    return f"{experiment}_{figure}.png"
+
+
+def plot_name(experiment: str, plot: str) -> str:
+    return f"{experiment}_{plot}.csv"
+
+
+def experiment_files(experiment: str, with_grid: bool = True) -> list[str]:
+    """Paths (relative to a reports folder) of every file the report of `experiment` owns; `with_grid=False`
+    leaves out the sample grid (drawn by the report stage itself)."""
+    figs = [f for f in EXPERIMENT_FIGURES if with_grid or f != FIG_SAMPLES]
+    return ([f"{experiment}.md"] + [f"{FIGURES_DIR}/{figure_name(experiment, f)}" for f in figs]
+            + [f"{PLOTS_DIR}/{plot_name(experiment, p)}" for p in EXPERIMENT_PLOTS]
+            + [f"{METRICS_COPIES_DIR}/{experiment}/{m}" for m in (S.METRICS_FILE, S.RECON_METRICS_FILE)])
+
+
+def _remove(reports_dir: Path, rels: Sequence[str]) -> None:
+    for rel in rels:
+        (reports_dir / rel).unlink(missing_ok=True)
 
 
 def discover_runs(runs_dir: str | Path, experiments: Sequence[str] | None = None) -> dict[str, dict[RunKind, Path]]:
@@ -105,6 +155,18 @@ def paper_label_short(key: Mapping[str, Any]) -> str:
     return f"Tab.{key[S.P_TABLE]} {key[S.P_METHOD]}"
 
 
+def _sample_grid_images(run_dir: Path, grid_images: int) -> tuple[np.ndarray, Path] | None:
+    """The first `grid_images` samples of a finished sample folder (the sample stage's layout), or None."""
+    from replication.stages.artifacts import SAMPLES_DIR
+    from replication.stages.sample import load_sample_subset
+
+    samples_dir = run_dir / SAMPLES_DIR
+    if not (samples_dir / "index.json").is_file():
+        return None
+    total = int(json.loads((samples_dir / "index.json").read_text())["num_samples"])
+    return load_sample_subset(samples_dir, range(min(total, grid_images))), samples_dir
+
+
 def _experiment_figures(ec: ExperimentComparison, paper: PaperResults, w: _Writer, runs_dir: Path, grid_images: int, grid_nrow: int) -> dict[str, str]:
     figs: dict[str, str] = {}
     run = ec.run
@@ -113,34 +175,35 @@ def _experiment_figures(ec: ExperimentComparison, paper: PaperResults, w: _Write
         steps = run.curves.get(S.CURVE_FID_VS_DDIM_STEPS)
         if steps:
             frame = _curve_frame(steps, (S.C_STEPS, S.FID, S.C_SAMPLES_PER_S))
-            w.csv(frame, f"{exp}_fid_vs_steps.csv", S.C_STEPS, S.FID, f"{exp}: FID vs DDIM steps")
+            w.csv(frame, plot_name(exp, PLOT_FID_VS_STEPS), S.C_STEPS, S.FID, f"{exp}: FID vs DDIM steps")
             s = F.Series(exp, frame[S.C_STEPS].tolist(), frame[S.FID].tolist(), ec.comparable)
-            figs["FID vs DDIM steps"] = w.add(F.plot_fid_vs_ddim_steps([s], w.fig(f"{exp}_fid_vs_ddim_steps.png"), _paper_reference_point(ec, paper), title=f"{exp}: FID vs DDIM steps (cf. paper Fig. 7)"))
+            figs["FID vs DDIM steps"] = w.add(F.plot_fid_vs_ddim_steps([s], w.fig(figure_name(exp, FIG_FID_VS_DDIM_STEPS)), _paper_reference_point(ec, paper), title=f"{exp}: FID vs DDIM steps (cf. paper Fig. 7)"))
             if S.C_SAMPLES_PER_S in frame and frame[S.C_SAMPLES_PER_S].notna().all():
                 t = F.Series(exp, frame[S.C_SAMPLES_PER_S].tolist(), frame[S.FID].tolist(), ec.comparable, [f"{int(v)} st" for v in frame[S.C_STEPS]])
-                figs["FID vs throughput"] = w.add(F.plot_fid_vs_throughput([t], w.fig(f"{exp}_fid_vs_throughput.png"), title=f"{exp}: FID vs sampling throughput (cf. paper Fig. 7)"))
+                figs["FID vs throughput"] = w.add(F.plot_fid_vs_throughput([t], w.fig(figure_name(exp, FIG_FID_VS_THROUGHPUT)), title=f"{exp}: FID vs sampling throughput (cf. paper Fig. 7)"))
         train = run.curves.get(S.CURVE_FID_VS_TRAIN_STEPS)
         if train:
             frame = _curve_frame(train, (S.C_TRAIN_STEP, S.FID))
-            w.csv(frame, f"{exp}_fid_vs_train_steps.csv", S.C_TRAIN_STEP, S.FID, f"{exp}: FID vs training steps")
+            w.csv(frame, plot_name(exp, PLOT_FID_VS_TRAIN_STEPS), S.C_TRAIN_STEP, S.FID, f"{exp}: FID vs training steps")
             s = F.Series(exp, frame[S.C_TRAIN_STEP].tolist(), frame[S.FID].tolist(), ec.comparable)
-            figs["FID vs training steps"] = w.add(F.plot_fid_vs_train_steps([s], w.fig(f"{exp}_fid_vs_train_steps.png"), title=f"{exp}: FID vs training steps (cf. paper Fig. 6)"))
+            figs["FID vs training steps"] = w.add(F.plot_fid_vs_train_steps([s], w.fig(figure_name(exp, FIG_FID_VS_TRAIN_STEPS)), title=f"{exp}: FID vs training steps (cf. paper Fig. 6)"))
         loss = run.curves.get(S.CURVE_TRAIN_LOSS)
         if loss:
             frame = _curve_frame(loss, (S.C_STEP, S.C_LOSS))
-            w.csv(frame, f"{exp}_train_loss.csv", S.C_STEP, S.C_LOSS, f"{exp}: training loss")
+            w.csv(frame, plot_name(exp, PLOT_TRAIN_LOSS), S.C_STEP, S.C_LOSS, f"{exp}: training loss")
             s = F.Series(exp, frame[S.C_STEP].tolist(), frame[S.C_LOSS].tolist(), ec.comparable)
-            figs["training loss"] = w.add(F.plot_train_loss([s], w.fig(f"{exp}_train_loss.png"), title=f"{exp}: training loss"))
-        shard = runs_dir / exp / SAMPLES_DIR / FIRST_SHARD
-        if grid_images > 0 and shard.is_file():
-            images = np.load(shard, mmap_mode="r", allow_pickle=False)[:grid_images]
+            figs["training loss"] = w.add(F.plot_train_loss([s], w.fig(figure_name(exp, FIG_TRAIN_LOSS)), title=f"{exp}: training loss"))
+        grid = w.fig(figure_name(exp, FIG_SAMPLES))
+        found = _sample_grid_images(runs_dir / exp, grid_images) if grid_images > 0 else None
+        if found is not None:
+            images, samples_dir = found
             title = None if ec.comparable else F.NOT_COMPARABLE_TAG
             try:
-                figs["samples"] = w.add(F.sample_grid(np.ascontiguousarray(images), w.fig(f"{exp}_samples.png"), grid_nrow, title))
+                figs["samples"] = w.add(F.sample_grid(np.ascontiguousarray(images), grid, grid_nrow, title))
             except ValueError as exc:
-                raise ValueError(f"{shard}: {exc}") from exc
-        elif w.fig(f"{exp}_samples.png").is_file():  # the report stage draws the grid itself (grid_images=0)
-            figs["samples"] = f"{FIGURES_DIR}/{exp}_samples.png"
+                raise ValueError(f"{samples_dir}: {exc}") from exc
+        elif grid_images == 0 and grid.is_file():  # the report stage draws the grid itself
+            figs["samples"] = f"{FIGURES_DIR}/{grid.name}"
     return figs
 
 
@@ -204,6 +267,52 @@ def _check_folder(run, folder: str):
     return run
 
 
+def _compare(runs: Mapping[str, Mapping[RunKind, Path]], paper: PaperResults, tolerances, strict: bool) -> list[ExperimentComparison]:
+    comps: list[ExperimentComparison] = []
+    for name, kinds in runs.items():
+        if RunKind.GENERATION in kinds:
+            run = _check_folder(S.load_metrics(kinds[RunKind.GENERATION], strict=strict), name)
+            comps.append(compare_ldm(run, paper, tolerances))
+        if RunKind.RECONSTRUCTION in kinds:
+            recon = _check_folder(S.load_recon_metrics(kinds[RunKind.RECONSTRUCTION], strict=strict), name)
+            comps.append(compare_recon(recon, paper, tolerances))
+    return comps
+
+
+def _keep_metrics_copy(reports_dir: Path, name: str, kinds: Mapping[RunKind, Path]) -> list[Path]:
+    """metrics/<name>/<file>: the metrics the experiment's report was made from, for later summaries."""
+    out = []
+    for path in kinds.values():
+        out.append(write_bytes(reports_dir / METRICS_COPIES_DIR / name / path.name, path.read_bytes()))
+    return out
+
+
+def build_summary(
+    reports_dir: str | Path,
+    paper_dir: str | Path,
+    tolerances: Mapping[str, Tolerance] | None = None,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Rebuild the summary of `reports_dir` (summary.md/.csv, metrics_summary.json, metrics_flat.json, the
+    all-runs figures) from every metrics copy under `reports_dir/metrics/`. Summary files this build does not
+    write (a figure with no data left) are removed. Returns {"written", "plots", "summary"}."""
+    reports_dir = Path(reports_dir)
+    paper = load_paper_results(paper_dir)
+    rule = rule_text(tolerances)
+    comps = _compare(discover_runs(reports_dir / METRICS_COPIES_DIR), paper, tolerances, strict)
+    _remove(reports_dir, list(SUMMARY_FILES) + [f"{FIGURES_DIR}/{f}" for f in SUMMARY_FIGURES]
+            + [f"{PLOTS_DIR}/{p}" for p in SUMMARY_PLOTS])
+    w = _Writer(reports_dir)
+    figs = _summary_figures(comps, paper, w)
+    summary = write_text(reports_dir / SUMMARY_MD, T.summary_markdown(comps, paper, figs, rule, str(reports_dir / METRICS_COPIES_DIR)))
+    w.written.append(summary)
+    w.written.append(write_text(reports_dir / SUMMARY_CSV, T.summary_frame(comps).to_csv(index=False)))
+    w.written.append(write_json(reports_dir / METRICS_SUMMARY_JSON, T.metrics_summary(comps, rule)))
+    w.written.append(write_json(reports_dir / METRICS_FLAT_JSON, T.metrics_flat(comps)))
+    w.plots.append({dvc_path(reports_dir / FIGURES_DIR): {}})
+    return {"written": w.written, "plots": w.plots, "summary": summary}
+
+
 def build_report(
     runs_dir: str | Path,
     reports_dir: str | Path,
@@ -214,26 +323,23 @@ def build_report(
     grid_nrow: int = DEFAULT_GRID_NROW,
     strict: bool = True,
 ) -> dict[str, Any]:
-    """Write reports/<experiment>.md, summary.md/.csv, metrics_summary.json, figures/*.png, plots/*.csv.
+    """Report `experiments` (default: every run folder of `runs_dir` with a metrics file) into `reports_dir`:
+    <experiment>.md, figures/*.png, plots/*.csv and the metrics copy, after removing that experiment's files of
+    an earlier build; then rebuild the summary from every experiment reported into `reports_dir` so far.
+    With `grid_images=0` the sample grid is not drawn here but an existing one (drawn by the report stage) is linked.
 
     Returns {"written": [paths], "verdicts": {experiment: {kind: verdict}}, "plots": [DVC plot definitions],
-    "summary": path of summary.md}. With no runs, the summary shows the paper's tables only.
+    "summary": path of summary.md}. With no runs at all, the summary shows the paper's tables only.
     """
     runs_dir, reports_dir = Path(runs_dir), Path(reports_dir)
     paper = load_paper_results(paper_dir)
     rule = rule_text(tolerances)
     runs = discover_runs(runs_dir, experiments)
-    comps: list[ExperimentComparison] = []
-    for name, kinds in runs.items():
-        if RunKind.GENERATION in kinds:
-            run = _check_folder(S.load_metrics(kinds[RunKind.GENERATION], strict=strict), name)
-            comps.append(compare_ldm(run, paper, tolerances))
-        if RunKind.RECONSTRUCTION in kinds:
-            recon = _check_folder(S.load_recon_metrics(kinds[RunKind.RECONSTRUCTION], strict=strict), name)
-            comps.append(compare_recon(recon, paper, tolerances))
+    comps = _compare(runs, paper, tolerances, strict)
     w = _Writer(reports_dir)
     verdicts: dict[str, dict[str, str]] = {}
-    for name in runs:
+    for name, kinds in runs.items():
+        _remove(reports_dir, experiment_files(name, with_grid=grid_images > 0))
         ecs = [ec for ec in comps if ec.experiment == name]
         figs: dict[str, str] = {}
         for ec in ecs:
@@ -242,11 +348,53 @@ def build_report(
                 figs["reconstruction vs f (all autoencoders)"] = f"{FIGURES_DIR}/{RECON_FIGURE}"
             verdicts.setdefault(name, {})[str(ec.kind)] = str(ec.verdict)
         w.written.append(write_text(reports_dir / f"{name}.md", T.experiment_markdown(name, ecs, figs, rule)))
-    summary_figs = _summary_figures(comps, paper, w)
-    summary = write_text(reports_dir / SUMMARY_MD, T.summary_markdown(comps, paper, summary_figs, rule, str(runs_dir)))
-    w.written.append(summary)
-    w.written.append(write_text(reports_dir / SUMMARY_CSV, T.summary_frame(comps).to_csv(index=False)))
-    w.written.append(write_json(reports_dir / METRICS_SUMMARY_JSON, T.metrics_summary(comps, rule)))
-    w.plots.append({dvc_path(reports_dir / FIGURES_DIR): {}})
+        w.written.extend(_keep_metrics_copy(reports_dir, name, kinds))
+    summary = build_summary(reports_dir, paper_dir, tolerances, strict)
+    w.written.extend(summary["written"])
+    w.plots.extend(summary["plots"])
     log.info("report: %d experiment(s), %d file(s) written to %s", len(runs), len(w.written), reports_dir)
-    return {"written": [str(p) for p in w.written], "verdicts": verdicts, "plots": w.plots, "summary": str(summary)}
+    return {"written": [str(p) for p in w.written], "verdicts": verdicts, "plots": w.plots, "summary": str(summary["summary"])}
+
+
+def reported_experiments(reports_dir: str | Path) -> list[str]:
+    """Experiments with a finished report in `reports_dir` (a page and a metrics copy)."""
+    reports_dir = Path(reports_dir)
+    copies = reports_dir / METRICS_COPIES_DIR
+    names = sorted(p.name for p in copies.iterdir() if p.is_dir()) if copies.is_dir() else []
+    return [n for n in names if (reports_dir / f"{n}.md").is_file() and any((copies / n).glob("*.json"))]
+
+
+def publish(
+    source_dir: str | Path,
+    target_dir: str | Path,
+    paper_dir: str | Path,
+    experiments: Sequence[str] | None = None,
+    tolerances: Mapping[str, Tolerance] | None = None,
+) -> dict[str, Any]:
+    """Copy the finished reports of `experiments` (default: all of `source_dir`) into `target_dir`, replacing
+    each one's earlier files there (a figure the new report lacks is removed), then rebuild the target's summary
+    from all its metrics copies, so experiments published earlier keep their rows.
+    Returns {"published": [experiments], "written": [paths], "summary": path}."""
+    source_dir, target_dir = Path(source_dir), Path(target_dir)
+    available = reported_experiments(source_dir)
+    names = list(experiments) if experiments else available
+    if not names:
+        raise FileNotFoundError(f"no finished report in {source_dir} (expected <experiment>.md and "
+                                f"{METRICS_COPIES_DIR}/<experiment>/*.json): run the report stage first")
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise FileNotFoundError(f"no finished report of {', '.join(repr(n) for n in missing)} in {source_dir} "
+                                f"(reported there: {', '.join(available) or 'none'})")
+    written: list[Path] = []
+    for name in names:
+        rels = experiment_files(name)
+        _remove(target_dir, rels)
+        for rel in rels:
+            if (source_dir / rel).is_file():
+                (target_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source_dir / rel, target_dir / rel)
+                written.append(target_dir / rel)
+    summary = build_summary(target_dir, paper_dir, tolerances)
+    written.extend(summary["written"])
+    log.info("publish: %s from %s to %s", ", ".join(names), source_dir, target_dir)
+    return {"published": names, "written": [str(p) for p in written], "summary": str(summary["summary"])}

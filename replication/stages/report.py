@@ -1,4 +1,6 @@
-"""Stage 7: comparison tables and figures against the paper, written to `reports/` from metrics files only."""
+"""Stage 7: comparison tables and figures against the paper, from metrics files only, written to the run-output
+reports folder `reports_dir` (default `<runs_root>/reports`, not tracked). `python -m replication.report publish`
+copies chosen finished reports from there into the tracked `reports/`."""
 from __future__ import annotations
 
 import os
@@ -16,7 +18,7 @@ PAPER_DIR = Path(__file__).resolve().parents[2] / "reports" / "paper"
 
 
 def _body(ctx: StageContext) -> dict[str, Any]:
-    from replication.report.build import build_report
+    from replication.report.build import FIG_SAMPLES, FIGURES_DIR, build_report, figure_name
     from replication.report.figures import sample_grid
 
     root = ctx.root
@@ -26,6 +28,8 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         if (ctx.run_dir / name).exists():
             ctx.record_input(ctx.run_dir / name)
     samples_dir = ctx.run_dir / SAMPLES_DIR
+    grid = reports / FIGURES_DIR / figure_name(root.name, FIG_SAMPLES)
+    grid.unlink(missing_ok=True)  # a grid of earlier samples must not outlive them
     if (samples_dir / "index.json").exists():
         from replication.stages.artifacts import num_label_classes
         from replication.stages.sample import grid_indices, load_sample_subset
@@ -34,13 +38,13 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         total = int(read_json(samples_dir / "index.json")["num_samples"])
         indices, how = grid_indices(total, num_label_classes(ctx.typed) if root.kind.value == "ldm" else None)
         samples = load_sample_subset(samples_dir, indices)
-        grid = reports / "figures" / f"{root.name}_samples.png"
         title = (f"{root.name}: samples" + (f", {how}" if how else "")
                  + ("" if root.comparable else " (NOT COMPARABLE: smoke)"))
         sample_grid(np.asarray(samples), grid, nrow=8, title=title)
         outputs.append(grid)
     paper_dir = Path(os.path.relpath(PAPER_DIR))  # relative, so generated pages name no machine's folders
-    built = build_report(Path(root.runs_root), reports, paper_dir, grid_images=0)  # the grid is made above
+    # this experiment's pages and figures; the summary keeps every other experiment reported into `reports`
+    built = build_report(Path(root.runs_root), reports, paper_dir, experiments=[root.name], grid_images=0)
     written = [Path(p) for p in built.get("written", [])]
     return {"report": str(reports / f"{root.name}.md"), "verdicts": built.get("verdicts", {}),
             "written": [str(p) for p in written], "outputs": outputs + [p for p in written if p.exists()]}
