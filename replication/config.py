@@ -10,7 +10,6 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from replication.utils.paths import PLAIN_NAME_RULE, is_plain_name
 from replication.utils.schema import check_finite, check_range, merge_into_schema
 
 
@@ -211,6 +210,8 @@ def check_adam_betas(betas: list[float], key: str, error_cls: type[Exception] = 
 
 def _check_root(root: RootConfig) -> None:
     """Names that become folders are plain identifiers; counts and sizes are in range."""
+    from replication.utils.paths import PLAIN_NAME_RULE, is_plain_name  # paths.py imports ConfigError from here
+
     for key in ("name", "reuse_from"):
         value = getattr(root, key)
         if value is not None and not is_plain_name(value):

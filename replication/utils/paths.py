@@ -10,13 +10,16 @@ import os
 import re
 from pathlib import Path
 
+from replication.config import ConfigError
+
 # letters, digits, '_', '-', '.'; not starting with '.' (so never '.', '..' or a hidden folder)
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 PLAIN_NAME_RULE = "a plain identifier: letters, digits, '_', '-', '.', not starting with '.'"
 
 
-class PathEscapeError(ValueError):
-    """A path built from configured parts would lie outside the root folder it belongs under."""
+class PathEscapeError(ConfigError):
+    """A path built from configured parts (a run name, a root) would lie outside the root folder it belongs under.
+    A ConfigError, so the command line reports it in one line like any other bad setting."""
 
 
 def is_plain_name(value: object) -> bool:
