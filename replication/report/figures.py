@@ -131,6 +131,8 @@ def _lines(ax, series: Sequence[Series]) -> None:
             for i in order:
                 ax.annotate(str(s.annotations[i]), (float(s.x[i]), float(s.y[i])), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
+    if any(s.annotations for s in series):
+        ax.margins(x=0.1)  # room for the label of the rightmost point
     if series:
         ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
