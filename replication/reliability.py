@@ -4,12 +4,14 @@ random points (SIGKILL, or SIGTERM as a cluster sends before preemption), resume
     python -m replication.reliability experiment=smoke --kills 3 --signal KILL --out reports/reliability
 
 It writes `<out>/kill_resume.json`, `<out>/kill_resume.md` and `<out>/kill_resume.png` (both loss curves with
-the kill points). The reliability tests call the same functions.
+the kill points). The reliability tests call the same functions. Each phase logs what it does, and while a child
+process runs, a line at a steady interval (stages done or training step, rate, ETA; utils/progress.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,11 +21,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from replication.utils.progress import ProgressLog
+
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("replication.reliability")
+INPUT_STAGES = ("prepare", "train_autoencoder", "encode_latents")
 TRAIN_OVERRIDES = ["trainer.steps=60", "trainer.ckpt_every=5", "trainer.log_every=1", "trainer.eval_every=0",
                    "trainer.keep_last_ckpts=3"]
 
@@ -45,11 +51,56 @@ def train_cmd(work: Path, experiment: str, extra: list[str] | None = None) -> li
             *TRAIN_OVERRIDES, *(extra or [])]
 
 
+def run_watched(cmd: list[str], what: str, count: Any, total: Optional[int], unit: str,
+                interval_s: Optional[float] = None, poll_s: float = 0.2) -> None:
+    """Run `cmd` to the end, logging its progress meanwhile: `count()` (e.g. the training step read from the child's
+    stats) as a ProgressLog line every `interval_s` seconds. A failure raises CalledProcessError with the child's
+    output, as subprocess.run(check=True, capture_output=True) does."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=out, stderr=err, text=True)
+        seen = 0
+        progress = ProgressLog(what, total=total, unit=unit, interval_s=interval_s, logger=log)
+        try:
+            while proc.poll() is None:
+                now = count()
+                progress.update(max(now - seen, 0))
+                seen = max(seen, now)
+                time.sleep(poll_s)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        now = count()
+        progress.update(max(now - seen, 0))
+        progress.close(done=proc.returncode == 0)
+        if proc.returncode != 0:
+            out.seek(0)
+            err.seek(0)
+            raise subprocess.CalledProcessError(proc.returncode, cmd, out.read(), err.read())
+
+
+def stages_done(work: Path, experiment: str, stages: tuple[str, ...] = INPUT_STAGES) -> int:
+    return sum((work / "runs" / experiment / s / "done.json").exists() for s in stages)
+
+
+def last_step(work: Path, experiment: str) -> int:
+    try:
+        return max(losses(work, experiment), default=0) if stats_path(work, experiment).exists() else 0
+    except (ValueError, OSError):  # a line being written: read again at the next poll
+        return 0
+
+
+def train_steps() -> Optional[int]:
+    steps = [o.split("=", 1)[1] for o in TRAIN_OVERRIDES if o.startswith("trainer.steps=")]
+    return int(steps[-1]) if steps else None
+
+
 def prepare_inputs(work: Path, experiment: str) -> None:
     """Run the stages before train_ldm once (data, autoencoder, latent cache)."""
-    subprocess.run([sys.executable, "-m", "replication.run", f"experiment={experiment}", *paths_overrides(work),
-                    "stages=[prepare,train_autoencoder,encode_latents]"], env=child_env(), cwd=REPO, check=True,
-                   capture_output=True)
+    log.info("%s: preparing the inputs of training once (%s) in %s", experiment, ", ".join(INPUT_STAGES), work)
+    run_watched([sys.executable, "-m", "replication.run", f"experiment={experiment}", *paths_overrides(work),
+                 "stages=[prepare,train_autoencoder,encode_latents]"], f"{experiment} inputs",
+                lambda: stages_done(work, experiment), len(INPUT_STAGES), "stage")
 
 
 def clone_inputs(src: Path, dst: Path, experiment: str) -> None:
@@ -95,23 +146,35 @@ def wait_for_step(work: Path, experiment: str, min_step: int, proc: subprocess.P
 
 
 def train_uninterrupted(work: Path, experiment: str) -> None:
-    subprocess.run(train_cmd(work, experiment), env=child_env(), cwd=REPO, check=True, capture_output=True)
+    log.info("%s: training uninterrupted (the reference run)", experiment)
+    run_watched(train_cmd(work, experiment), f"{experiment} uninterrupted training",
+                lambda: last_step(work, experiment), train_steps(), "step")
 
 
 def train_with_kills(work: Path, experiment: str, kills: int, sig: int, seed: int) -> list[int]:
     """Start training, kill it `kills` times at random steps, then let it finish. Returns the kill steps."""
     rng = random.Random(seed)
     kill_steps = []
-    for _ in range(kills):
+    name = signal.Signals(sig).name
+    for k in range(kills):
         start = max(losses(work, experiment), default=0) if stats_path(work, experiment).exists() else 0
+        target = start + rng.randint(3, 12)
+        log.info("%s: kill %d/%d: training from step %d, %s at step %d or later", experiment, k + 1, kills, start,
+                 name, target)
         proc = subprocess.Popen(train_cmd(work, experiment), env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        wait_for_step(work, experiment, start + rng.randint(3, 12), proc)
+        wait_for_step(work, experiment, target, proc)
         if proc.poll() is None:
             proc.send_signal(sig)
             proc.wait(timeout=120)
             kill_steps.append(max(losses(work, experiment)))
-    subprocess.run(train_cmd(work, experiment), env=child_env(), cwd=REPO, check=True, capture_output=True)
+            log.info("%s: kill %d/%d: %s sent, the last step logged was %d", experiment, k + 1, kills, name,
+                     kill_steps[-1])
+        else:
+            log.info("%s: kill %d/%d: training ended before step %d; no kill", experiment, k + 1, kills, target)
+    log.info("%s: resuming to the end after %d kill(s)", experiment, len(kill_steps))
+    run_watched(train_cmd(work, experiment), f"{experiment} resumed training", lambda: last_step(work, experiment),
+                train_steps(), "step")
     return kill_steps
 
 
@@ -156,6 +219,7 @@ def run_check(experiment: str, kills: int, sig: int, out: Path, seed: int = 1234
         clone_inputs(base, killed, experiment)
         train_uninterrupted(ref, experiment)
         kill_steps = train_with_kills(killed, experiment, kills, sig, seed)
+        log.info("%s: comparing the killed-and-resumed run with the uninterrupted one", experiment)
         result = {"experiment": experiment, "signal": signal.Signals(sig).name, "kill_steps": kill_steps,
                   "device": "cpu", **compare(killed, ref, experiment)}
         figure(losses(killed, experiment), losses(ref, experiment), kill_steps, out / "kill_resume.png",
@@ -181,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "reliability")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[reliability] %(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
     experiment = args.experiment.split("=", 1)[-1]
     result = run_check(experiment, args.kills, getattr(signal, f"SIG{args.signal}"), args.out, args.seed)
     print(json.dumps(result, indent=2))

@@ -147,3 +147,32 @@ def test_autoencoder_training_with_the_bar_off_logs_progress_to_log_txt(tmp_path
                        r"ETA", text)
     assert steps == ["1", "2", "3"], text
     assert "train autoencoder: finished at step 3/3" in text
+
+
+def test_the_reliability_check_logs_a_childs_progress_while_it_runs(tmp_path, caplog):
+    """python -m replication.reliability waits minutes for its child processes: it logs their progress meanwhile
+    (here a real child that counts to 8, read from the file it writes, as the check reads the training step)."""
+    import subprocess
+    import sys
+
+    from replication.reliability import run_watched
+
+    counter = tmp_path / "count.txt"
+    child = ("import time, pathlib\n"
+             f"p = pathlib.Path({str(counter)!r})\n"
+             "for i in range(1, 9):\n"
+             "    p.write_text(str(i)); time.sleep(0.15)\n")
+    caplog.set_level(logging.INFO, logger="replication")
+
+    def count() -> int:
+        text = counter.read_text() if counter.exists() else ""
+        return int(text) if text.strip() else 0
+
+    run_watched([sys.executable, "-c", child], "count", count, 8, "step", interval_s=1e-6, poll_s=0.05)
+    lines = [r.getMessage() for r in caplog.records if r.name == "replication.reliability"]
+    seen = [int(m.group(1)) for m in (re.match(r"count: step (\d)/8 \(\d+%\), .*ETA", ln) for ln in lines) if m]
+    assert seen and seen == sorted(seen) and seen[-1] == 8, lines
+    assert lines[-1].startswith("count: finished at step 8/8, 8 step(s) in "), lines
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        run_watched([sys.executable, "-c", "import sys; sys.exit('no inputs here')"], "fail", lambda: 0, None, "step")
+    assert err.value.returncode == 1 and "no inputs here" in err.value.stderr
