@@ -2,6 +2,13 @@
 ring) on a two-colour linear gradient. Structured enough that an autoencoder and an LDM have something to
 learn, small enough to need no download. Image i depends only on (seed, i), not on how many are made.
 
+Two styles (the dataset config's `builtin.style`):
+- "full" (the smoke run's): gradient ends and shape colours drawn from the whole RGB cube, one or two shapes of
+  radius 0.1-0.3 of the image side.
+- "simple" (the demo run's): colours from a palette of six, one shape of radius 0.22-0.38, on a gradient between
+  two different palette colours; the shape's colour differs from both. Few enough degrees of freedom that a
+  small autoencoder and LDM learn it within minutes on a CPU.
+
 With labels, image i's class is the kind of its first shape (0 disc, 1 square, 2 ring): a three-class problem for
 the class-conditional smoke run (`experiment=smoke_cin`), with the same pixels as the unlabelled set."""
 from __future__ import annotations
@@ -10,12 +17,36 @@ import numpy as np
 
 _SHAPES = ("disc", "square", "ring")
 NUM_BUILTIN_CLASSES = len(_SHAPES)
+BUILTIN_STYLES = ("full", "simple")
+# "simple" style: red, green, blue, yellow, white, dark grey
+_PALETTE = np.array([[220, 40, 40], [40, 180, 60], [40, 80, 220], [235, 200, 40], [240, 240, 240], [50, 50, 50]],
+                    dtype=np.float32)
+
+
+def _grid(resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.mgrid[0:resolution, 0:resolution].astype(np.float32) / max(resolution - 1, 1)
+
+
+def _gradient(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    t = np.clip(0.5 + (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle), 0.0, 1.0)[..., None]
+    return (1.0 - t) * c0 + t * c1
+
+
+def _mask(kind: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, radius: float, ring_inner: float) -> np.ndarray:
+    shape = _SHAPES[kind]
+    if shape == "disc":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    if shape == "square":
+        return (np.abs(yy - cy) <= radius) & (np.abs(xx - cx) <= radius)
+    d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+    return (d2 <= radius**2) & (d2 >= (ring_inner * radius) ** 2)
 
 
 def _one_image(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, int]:
-    r = resolution
-    yy, xx = np.mgrid[0:r, 0:r].astype(np.float32) / max(r - 1, 1)
-    angle = rng.uniform(0.0, 2.0 * np.pi)
+    """Style "full"."""
+    yy, xx = _grid(resolution)
+    angle = rng.uniform(0.0, 2.0 * np.pi)  # drawn before the colours (the order fixes the pixels of each seed)
     t = np.clip(0.5 + (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle), 0.0, 1.0)[..., None]
     c0, c1 = rng.uniform(0.0, 255.0, size=(2, 3)).astype(np.float32)
     img = (1.0 - t) * c0 + t * c1
@@ -23,33 +54,41 @@ def _one_image(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, i
     for _ in range(int(rng.integers(1, 3))):
         kind = int(rng.integers(0, len(_SHAPES)))
         label = kind if label < 0 else label
-        shape = _SHAPES[kind]
         cy, cx = rng.uniform(0.2, 0.8, size=2)
         radius = rng.uniform(0.1, 0.3)
         colour = rng.uniform(0.0, 255.0, size=3).astype(np.float32)
-        if shape == "disc":
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
-        elif shape == "square":
-            mask = (np.abs(yy - cy) <= radius) & (np.abs(xx - cx) <= radius)
-        else:
-            d2 = (yy - cy) ** 2 + (xx - cx) ** 2
-            mask = (d2 <= radius**2) & (d2 >= (0.6 * radius) ** 2)
-        img[mask] = colour
+        img[_mask(kind, yy, xx, cy, cx, radius, ring_inner=0.6)] = colour
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
 
 
-def make_builtin_labelled(num_images: int, resolution: int, seed: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _simple_image(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, int]:
+    """Style "simple": palette colours, one large shape (a thick ring, so it stays a ring at 32 pixels)."""
+    yy, xx = _grid(resolution)
+    i0, i1, i2 = rng.permutation(len(_PALETTE))[:3]  # gradient ends and shape: three different colours
+    img = _gradient(rng, yy, xx, _PALETTE[i0], _PALETTE[i1])
+    kind = int(rng.integers(0, len(_SHAPES)))
+    cy, cx = rng.uniform(0.3, 0.7, size=2)
+    radius = rng.uniform(0.22, 0.38)
+    img[_mask(kind, yy, xx, cy, cx, radius, ring_inner=0.5)] = _PALETTE[i2]
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), kind
+
+
+def make_builtin_labelled(num_images: int, resolution: int, seed: int, start: int = 0,
+                          style: str = "full") -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images (num_images, resolution, resolution, 3), int64 labels in [0, 3)); image k is drawn from the
-    stream (seed, start + k) and labelled with the kind of its first shape."""
+    stream (seed, start + k) in the given style ("full" or "simple") and labelled with the kind of its first shape."""
     if num_images < 0 or resolution < 2:
         raise ValueError(f"need num_images >= 0 and resolution >= 2 (got {num_images}, {resolution})")
+    if style not in BUILTIN_STYLES:
+        raise ValueError(f"builtin style must be one of {', '.join(BUILTIN_STYLES)} (got '{style}')")
+    draw = _one_image if style == "full" else _simple_image
     out = np.empty((num_images, resolution, resolution, 3), dtype=np.uint8)
     labels = np.empty(num_images, dtype=np.int64)
     for k in range(num_images):
-        out[k], labels[k] = _one_image(np.random.default_rng([seed, start + k]), resolution)
+        out[k], labels[k] = draw(np.random.default_rng([seed, start + k]), resolution)
     return out, labels
 
 
-def make_builtin_images(num_images: int, resolution: int, seed: int, start: int = 0) -> np.ndarray:
+def make_builtin_images(num_images: int, resolution: int, seed: int, start: int = 0, style: str = "full") -> np.ndarray:
     """uint8 (num_images, resolution, resolution, 3); image k is drawn from the stream (seed, start + k)."""
-    return make_builtin_labelled(num_images, resolution, seed, start)[0]
+    return make_builtin_labelled(num_images, resolution, seed, start, style)[0]

@@ -89,6 +89,9 @@ class BuiltinConfig:
     num_val: int = 64
     seed: int = 0
     labels: bool = False  # class = kind of the first shape (3 classes), for the class-conditional smoke run
+    # "full" (smoke: any colours, one or two shapes) or "simple" (demo: six palette colours, one large shape);
+    # see replication/data/builtin.py
+    style: str = "full"
 
 
 @dataclass
