@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import sys
 from typing import Any
 
 from omegaconf import DictConfig
 
 from replication.config import AUTOENCODER_STAGES, STAGES, ExperimentKind, validate_config
-from replication.preflight import check_cli_overrides, preflight
+from replication.preflight import preflight
 from replication.stages.common import hydra_entry
 
 log = logging.getLogger("replication")
@@ -38,18 +37,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-_hydra_main = hydra_entry(run)
-
-
-def main() -> None:
-    # Hydra makes its run folder from `runs_root` and `name` before `run` is called, so a bad name or an unwritable
-    # root is reported here first, as the one line `run` would give
-    error = check_cli_overrides(sys.argv[1:])
-    if error is not None:
-        print(error, file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
-
+main = hydra_entry(run)
 
 if __name__ == "__main__":
     main()

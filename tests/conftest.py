@@ -50,3 +50,22 @@ def no_network(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(hub))
     yield
     assert not hub.exists() or not any(hub.rglob("*")), "something was written to the torch hub cache"
+
+
+@pytest.fixture(scope="session")
+def finished_smoke(tmp_path_factory) -> Path:
+    """One finished `python -m replication.run experiment=smoke` for the whole session, kept pristine: a test that
+    changes it works on `copy_smoke(finished_smoke, dest)` (done.json records paths relative to the runs root, so a
+    copied tree verifies against its own files)."""
+    from pipeline_helpers import paths_overrides, run_module
+
+    tmp = tmp_path_factory.mktemp("finished_smoke")
+    run_module("replication.run", ["experiment=smoke", *paths_overrides(tmp)])
+    return tmp
+
+
+def copy_smoke(finished: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(finished, dest, symlinks=True)
+    return dest

@@ -18,10 +18,11 @@ STAGES = ["prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("smoke")
-    proc = run_module("replication.run", ["experiment=smoke", *paths_overrides(tmp)])
-    return tmp, proc
+def smoke_run(finished_smoke, tmp_path_factory):
+    """A copy of the session's finished smoke run, which this module's tests change."""
+    from conftest import copy_smoke
+
+    return copy_smoke(finished_smoke, tmp_path_factory.mktemp("smoke") / "w"), None
 
 
 def test_smoke_run_leaves_grid_metrics_table_and_figure(smoke_run):
@@ -102,7 +103,11 @@ def _copy_repo(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
-def test_dvc_repro_smoke_in_a_copy(tmp_path):
+def test_dvc_repro_after_a_run_keeps_the_training_in_a_copy(finished_smoke, tmp_path):
+    """A finished `python -m replication.run` (the session's, copied into the tree), then `dvc repro` in the same
+    tree (a fresh clone has no dvc.lock, so DVC reruns every stage with force=[stage]): the re-made data are
+    identical, so both trainings are kept (resumed at their last step, nothing moved to state.stale) and the samples
+    are verified and kept."""
     repo = tmp_path / "repo"
     repo.mkdir()
     _copy_repo(repo)
@@ -110,8 +115,18 @@ def test_dvc_repro_smoke_in_a_copy(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=e)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=e)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], cwd=repo, check=True, env=e)
+    shutil.copytree(finished_smoke / "runs", repo / "runs", symlinks=True)
+    run_dir = repo / "runs" / "smoke"
+    kept = {p: p.read_bytes() for p in [run_dir / "train_ldm" / "ema.safetensors",
+                                        run_dir / "train_autoencoder" / "model.safetensors",
+                                        run_dir / "sample" / "samples" / "shard_000000.npy"]}
     proc = subprocess.run(["dvc", "repro", "report@smoke"], cwd=repo, env=e, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for path, data in kept.items():
+        assert path.read_bytes() == data, path
+    assert not (run_dir / "train_ldm" / "state.stale").exists() and not (run_dir / "train_autoencoder" / "state.stale").exists()
+    train = json.loads((run_dir / "train_ldm" / "done.json").read_text())["result"]
+    assert train["resumed_from"] == train["steps"]  # resumed at its end: not one step trained again
     assert (repo / "reports" / "smoke.md").exists()
     assert (repo / "runs" / "smoke" / "metrics.json").exists()
     assert (repo / "dvc.lock").exists()

@@ -9,17 +9,30 @@ import pytest
 
 from replication.data.builtin import NUM_BUILTIN_CLASSES, make_builtin_images, make_builtin_labelled
 from replication.stages.sample import SHARD_PATTERN, grid_indices, load_sample_subset, load_samples
+from replication.utils.io import sha256_file
 
 
 def _write_shards(folder, num_samples: int, shard_size: int) -> np.ndarray:
     folder.mkdir(parents=True, exist_ok=True)
     data = np.random.default_rng(0).integers(0, 256, size=(num_samples, 4, 4, 3), dtype=np.uint8)
     num_shards = -(-num_samples // shard_size)
+    shards = []
     for s in range(num_shards):
         np.save(folder / SHARD_PATTERN.format(s), data[s * shard_size:(s + 1) * shard_size])
+        shards.append({"file": SHARD_PATTERN.format(s), "count": len(data[s * shard_size:(s + 1) * shard_size]),
+                       "sha256": sha256_file(folder / SHARD_PATTERN.format(s))})
     (folder / "index.json").write_text(json.dumps({"num_samples": num_samples, "shard_size": shard_size,
-                                                   "num_shards": num_shards}))
+                                                   "num_shards": num_shards, "shards": shards}))
     return data
+
+
+def test_load_samples_refuses_a_shard_that_does_not_match_the_index(tmp_path):
+    from replication.utils.io import ArtifactError
+
+    data = _write_shards(tmp_path / "s", num_samples=10, shard_size=5)
+    np.save(tmp_path / "s" / SHARD_PATTERN.format(1), data[5:][::-1])  # same shape, other order
+    with pytest.raises(ArtifactError, match="shard_000001.npy: content differs"):
+        load_samples(tmp_path / "s")
 
 
 def test_subset_reads_the_right_samples_in_the_asked_order(tmp_path):

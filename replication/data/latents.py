@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from replication.data.prepared import PreparedImages, epoch_order, flip_mask, to_model_input
+from replication.data.prepared import PreparedImages, epoch_order, flip_mask, publish_folder, to_model_input
 from replication.utils.io import ArtifactError, atomic_write_json, check_free_space, read_json
 
 MOMENTS = "moments"
@@ -73,7 +73,7 @@ def encode_to_cache(
     autoencoder hash, shapes, flips, plus `extra_card`) in the folder `out_path`. Returns the card."""
     n = len(images)
     out = Path(out_path)
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writers = {MOMENTS: _MemmapWriter(tmp / f"{MOMENTS}.npy", n)}
@@ -104,9 +104,7 @@ def encode_to_cache(
     }
     card.update(extra_card or {})
     atomic_write_json(card_path(tmp), card)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_folder(tmp, out)
     return card
 
 

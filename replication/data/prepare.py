@@ -2,6 +2,7 @@
 read in its on-disk format -> the paper's preprocessing -> prepared images with a dataset card."""
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import sys
 from dataclasses import asdict
@@ -17,8 +18,10 @@ from replication.data.prepared import CARD, PreparedImages, SkippedImage, write_
 from replication.data.preprocess import PreprocessSpec, crop_rng, preprocess_fn_for_spec, spec_for, spec_hash
 from replication.data.sources import CorruptImageError, RawRecord, decode_record, find_list_file, iter_records
 from replication.utils.io import read_json, sha256_json
+from replication.utils.verify import verify_records
 
 REFERENCE = "reference"
+log = logging.getLogger("replication")
 EXTRACTED_SUFFIX = ".extracted"
 _WINDOW_PER_WORKER = 64  # records in flight per worker: bounds memory when LMDB bytes are sent to workers
 
@@ -137,10 +140,23 @@ def config_hash(cfg: DatasetConfig) -> str:
 
 
 def _is_current(out_dir: Path, card: dict) -> bool:
+    """The folder holds a finished preparation for these settings, and every file its card lists still has the
+    recorded SHA-256 (a damaged file is named in the log, and the split is prepared again)."""
     if not (out_dir / CARD).is_file():
         return False
     old = read_json(out_dir / CARD)
-    return all(old.get(k) == card[k] for k in ("dataset", "spec_hash", "config_hash", "split", "mode"))
+    if not all(old.get(k) == card[k] for k in ("dataset", "spec_hash", "config_hash", "split", "mode")):
+        return False
+    records = {str(out_dir / name): {"size": (out_dir / name).stat().st_size if (out_dir / name).exists() else -1,
+                                     "sha256": digest} for name, digest in old.get("files", {}).items()}
+    if not records:
+        return False
+    problems = verify_records(records, full=True)
+    if problems:
+        log.warning("prepared split %s no longer matches its card, so it is prepared again:\n  %s", out_dir,
+                    "\n  ".join(problems))
+        return False
+    return True
 
 
 def _summary(out_dir: Path, card: dict, reused: bool) -> dict:

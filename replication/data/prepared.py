@@ -4,6 +4,7 @@ skipped files). card.json is written last: a folder without it is an unfinished 
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from replication.utils.io import ArtifactError, atomic_path, atomic_write_json, atomic_write_text, read_json, sha256_file
+from replication.utils.io import ArtifactError, atomic_path, atomic_write_json, atomic_write_text, read_json
+from replication.utils.verify import file_sha256
 
 CARD = "card.json"
 IMAGES = "images.npy"
@@ -54,63 +56,81 @@ def write_prepared(
     sha256 of every written file are added. Returns the final card."""
     if "spec_hash" not in card:
         raise ValueError("write_prepared: the card must carry 'spec_hash' (the preprocessing hash)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CARD).unlink(missing_ok=True)  # the old card must not vouch for new, half-written files
-    keys: list[str] = []
-    labels: list[Optional[int]] = []
-    skipped: list[dict] = []
-    hw: Optional[tuple[int, int]] = None
-    bar = tqdm(total=total, desc=f"write {out_dir.name}", unit="img", disable=not progress)
-    with atomic_path(out_dir / IMAGES) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(b"\0" * _HEADER_BYTES)
-            for item in items:
-                bar.update(1)
-                if isinstance(item, SkippedImage):
-                    skipped.append({"name": item.name, "reason": item.reason})
-                    continue
-                key, arr, label = item
-                if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-                    raise ValueError(f"image '{key}': expected uint8 HWC RGB, got {arr.dtype} {arr.shape}")
-                if hw is None:
-                    hw = arr.shape[:2]
-                elif arr.shape[:2] != hw:
-                    raise ValueError(f"image '{key}' is {arr.shape[:2]}, the others {hw}")
-                fh.write(np.ascontiguousarray(arr).tobytes())
-                keys.append(key)
-                labels.append(label)
-            if not keys:
-                raise ValueError(f"no images to write to {out_dir} ({len(skipped)} skipped)")
-            fh.seek(0)
-            fh.write(_npy_header((len(keys), hw[0], hw[1], 3)))
-    bar.close()
-    files = {IMAGES: sha256_file(out_dir / IMAGES)}
-    has_labels = any(y is not None for y in labels)
-    if has_labels:
-        if any(y is None for y in labels):
-            raise ValueError("some images have labels and some do not")
-        with atomic_path(out_dir / LABELS) as tmp:
+    final_dir = Path(out_dir)
+    # the folder is built under a temporary name and renamed when complete: a reader (or a killed writer) sees
+    # the old folder or the new one, never a mix of both
+    out_dir = final_dir.with_name(f".{final_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    try:
+        keys: list[str] = []
+        labels: list[Optional[int]] = []
+        skipped: list[dict] = []
+        hw: Optional[tuple[int, int]] = None
+        bar = tqdm(total=total, desc=f"write {final_dir.name}", unit="img", disable=not progress)
+        with atomic_path(out_dir / IMAGES) as tmp:
             with open(tmp, "wb") as fh:
-                np.save(fh, np.asarray(labels, dtype=np.int64))
-        files[LABELS] = sha256_file(out_dir / LABELS)
-    else:
-        (out_dir / LABELS).unlink(missing_ok=True)
-    atomic_write_text(out_dir / KEYS, "".join(k + "\n" for k in keys))
-    files[KEYS] = sha256_file(out_dir / KEYS)
-    final = dict(card)
-    final.update(
-        format_version=FORMAT_VERSION,
-        count=len(keys),
-        shape=[len(keys), hw[0], hw[1], 3],
-        dtype="uint8",
-        has_labels=has_labels,
-        files=files,
-        skipped=skipped,
-        num_skipped=len(skipped),
-    )
-    atomic_write_json(out_dir / CARD, final)
+                fh.write(b"\0" * _HEADER_BYTES)
+                for item in items:
+                    bar.update(1)
+                    if isinstance(item, SkippedImage):
+                        skipped.append({"name": item.name, "reason": item.reason})
+                        continue
+                    key, arr, label = item
+                    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+                        raise ValueError(f"image '{key}': expected uint8 HWC RGB, got {arr.dtype} {arr.shape}")
+                    if hw is None:
+                        hw = arr.shape[:2]
+                    elif arr.shape[:2] != hw:
+                        raise ValueError(f"image '{key}' is {arr.shape[:2]}, the others {hw}")
+                    fh.write(np.ascontiguousarray(arr).tobytes())
+                    keys.append(key)
+                    labels.append(label)
+                if not keys:
+                    raise ValueError(f"no images to write to {final_dir} ({len(skipped)} skipped)")
+                fh.seek(0)
+                fh.write(_npy_header((len(keys), hw[0], hw[1], 3)))
+        bar.close()
+        files = {IMAGES: file_sha256(out_dir / IMAGES)}
+        has_labels = any(y is not None for y in labels)
+        if has_labels:
+            if any(y is None for y in labels):
+                raise ValueError("some images have labels and some do not")
+            with atomic_path(out_dir / LABELS) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, np.asarray(labels, dtype=np.int64))
+            files[LABELS] = file_sha256(out_dir / LABELS)
+        atomic_write_text(out_dir / KEYS, "".join(k + "\n" for k in keys))
+        files[KEYS] = file_sha256(out_dir / KEYS)
+        final = dict(card)
+        final.update(
+            format_version=FORMAT_VERSION,
+            count=len(keys),
+            shape=[len(keys), hw[0], hw[1], 3],
+            dtype="uint8",
+            has_labels=has_labels,
+            files=files,
+            skipped=skipped,
+            num_skipped=len(skipped),
+        )
+        atomic_write_json(out_dir / CARD, final)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    publish_folder(out_dir, final_dir)
     return final
+
+
+def publish_folder(built: Path, final: Path) -> None:
+    """Rename the complete folder `built` to `final`; an old `final` is moved aside first and removed after."""
+    if final.is_symlink():
+        final.unlink()
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(built, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_alias(out_dir: str | os.PathLike, parts: list[str | os.PathLike], card: dict) -> dict:

@@ -162,8 +162,8 @@ def validate_sampler_cfg(cfg: Mapping[str, Any] | DictConfig, num_timesteps: int
     c: SamplerConfig = _to_schema(cfg, SamplerConfig, path)
     _enum(DDIMSpacing, c.spacing, f"{path}.spacing")
     _enum(TablePrecision, c.table_precision, f"{path}.table_precision")
-    if not c.eta >= 0.0:
-        raise ConfigError(f"{path}.eta must be >= 0, got {c.eta}")
+    if not 0.0 <= c.eta <= 1.0:  # above 1, DDIM's sqrt(1 - a_prev - sigma^2) can go negative (NaN images)
+        raise ConfigError(f"{path}.eta must be in [0, 1], got {c.eta}")
     kind = _enum(SamplerKind, c.kind, f"{path}.kind")
     if kind is SamplerKind.PLMS and c.eta != 0.0:
         raise ConfigError(f"{path}.eta must be 0 for kind 'plms', got {c.eta}")

@@ -7,6 +7,7 @@ fingerprints as the last successful run, outputs present), and otherwise runs it
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import logging
@@ -24,8 +25,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from replication.config import GROUPS, to_container, validate_config
+from replication.stages.lock import FolderBusy, folder_lock
 from replication.utils.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_json
 from replication.utils.errors import first_line
+from replication.utils.verify import content_id, content_records, verify_records
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -39,8 +42,10 @@ STAGE_DEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("dataset",), ()),
     "train_autoencoder": (("autoencoder", "seed"), ("prepare",)),
     "encode_latents": (("trainer.use_latent_cache",), ("prepare", "train_autoencoder")),
-    "train_ldm": (("unet", "diffusion", "trainer", "seed"), ("encode_latents",)),
-    "sample": (("sampler", "seed", "curves"), ("train_ldm",)),
+    "train_ldm": (("unet", "diffusion", "trainer", "seed", "conditioning"), ("encode_latents",)),
+    # the shard size and the sampling precision decide which files hold which images, and their pixels
+    "sample": (("sampler", "seed", "curves", "sample_shard_size", "sampling_speed.precision", "conditioning"),
+               ("train_ldm", "train_autoencoder")),
     "evaluate": (("metrics", "curves", "paper", "paper_protocol", "comparable", "not_comparable_reason"),
                  ("sample", "train_autoencoder")),
     "report": ((), ("evaluate",)),
@@ -105,6 +110,10 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
+    """`<runs_root>/<name>`; a name that would lead outside the runs root stops with a one-line error."""
+    from replication.utils.paths import contained
+
+    contained(cfg.runs_root, cfg.name, what="run folder")
     return Path(cfg.runs_root) / cfg.name
 
 
@@ -113,42 +122,74 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return to_container(value) if isinstance(value, DictConfig) else (OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value)
 
 
-def _upstream_run_ids(stage: str, cfg: DictConfig) -> dict[str, Any]:
+def _upstream_ids(stage: str, cfg: DictConfig) -> dict[str, Any]:
+    """The content ids of `stage`'s upstream stages: what their files hold, not when they ran. A stage whose rerun
+    re-made identical files (a forced prepare of the same data) leaves everything downstream valid; one that made
+    other files invalidates it."""
     run_dir = run_dir_for(cfg)
     out = {}
     for up in STAGE_DEPS[stage][1]:
         done = run_dir / up / DONE_FILE
-        # the upstream's run id changes whenever it really ran, so a forced rerun makes its dependents stale
-        out[f"upstream:{up}"] = read_json(done).get("run_id") if done.exists() else None
+        out[f"upstream:{up}"] = stage_content_id(read_json(done)) if done.exists() else None
     return out
+
+
+def stage_content_id(record: dict[str, Any]) -> str | None:
+    """A finished stage's content id (its done.json record)."""
+    return record.get("content_id")
 
 
 def fingerprint(stage: str, cfg: DictConfig) -> str:
     keys, _ = STAGE_DEPS[stage]
     parts: dict[str, Any] = {"stage": stage, "config": {k: _select(cfg, k) for k in keys}}
-    parts.update(_upstream_run_ids(stage, cfg))
+    parts.update(_upstream_ids(stage, cfg))
     return sha256_json(parts)
 
 
 def resume_key(stage: str, cfg: DictConfig, trajectory: dict[str, Any]) -> str:
     """What a training stage's full-state checkpoint must have been written for to be resumed: the settings that
-    decide the training trajectory (`trajectory`, chosen by the stage) and the run ids of its inputs. Settings
+    decide the training trajectory (`trajectory`, chosen by the stage) and the content ids of its inputs. Settings
     that may change across a resume (step count, logging, checkpoint cadence, speed levers) stay out of it."""
-    return sha256_json({"stage": stage, "trajectory": trajectory, **_upstream_run_ids(stage, cfg)})
+    return sha256_json({"stage": stage, "trajectory": trajectory, **_upstream_ids(stage, cfg)})
 
 
 def _done_for(done: Path, stage: str, cfg: DictConfig) -> bool:
-    """`done` records a finished run of `stage` with the fingerprint `cfg` gives now, and its outputs exist."""
+    """`done` records a finished run of `stage` with the fingerprint `cfg` gives now, and every file it recorded is
+    still there with the recorded size and content (a damaged file is named in the log, and the stage runs)."""
     if not done.exists():
         return False
     record = read_json(done)
     if record.get("fingerprint") != fingerprint(stage, cfg):
         return False
-    return all(Path(p).exists() for p in record.get("outputs", []))
+    if "files" not in record:  # a record without content hashes cannot vouch for its files
+        return False
+    problems = verify_records(record["files"], full=True, root=cfg.runs_root)
+    if problems:
+        log.warning("stage %s: %d recorded file(s) no longer match what the stage wrote, so it runs again:\n  %s",
+                    stage, len(problems), "\n  ".join(problems))
+        return False
+    return True
 
 
 def is_up_to_date(stage: str, cfg: DictConfig) -> bool:
     return _done_for(run_dir_for(cfg) / stage / DONE_FILE, stage, cfg)
+
+
+def verify_upstream(stage: str, cfg: DictConfig) -> None:
+    """Before `stage` reads its inputs: every finished upstream stage's files must match their records (hashes
+    this process computed already are not recomputed). A mismatch stops with the files named: the upstream
+    stage must be re-made first (`python -m replication.run` does it, since its skip check finds the same)."""
+    run_dir = run_dir_for(cfg)
+    for up in STAGE_DEPS[stage][1]:
+        done = run_dir / up / DONE_FILE
+        if not done.exists():
+            continue
+        record = read_json(done)
+        problems = verify_records(record.get("files", {}), full=True, root=cfg.runs_root)
+        if problems:
+            raise StageError(f"stage {stage}: the outputs of stage {up} are damaged ({'; '.join(problems[:3])}"
+                             f"{'; ...' if len(problems) > 3 else ''}); they are not used. Re-make them: "
+                             f"python -m replication.run experiment=... (or force=[{up}])")
 
 
 def _git_commit() -> str | None:
@@ -212,6 +253,9 @@ def link_reusable(stage: str, cfg: DictConfig, root: Any) -> bool:
     stage_dir = run_dir / stage
     if stage_dir.exists() or stage_dir.is_symlink():
         return False
+    from replication.utils.paths import contained
+
+    contained(cfg.runs_root, root.reuse_from, what="reuse_from run folder")
     base = Path(cfg.runs_root) / root.reuse_from / stage
     if not _done_for(base / DONE_FILE, stage, cfg):
         return False
@@ -232,7 +276,7 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
     Under torchrun or an srun step with several tasks, rank 0 decides whether the stage is up to date (every
     rank follows it), single-process stages run on rank 0 only while the others wait (an error there ends every
     rank with its message), and only rank 0 writes the manifest and done.json."""
-    from replication.training.distributed import broadcast_from_main, init_distributed
+    from replication.training.distributed import init_distributed
 
     typed = validate_config(cfg)
     root = typed["root"]
@@ -241,16 +285,49 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
     forced = "all" in root.force or stage in root.force
     device = resolve_device(root.device)
     dist = init_distributed(device)
-    up_to_date = None
+    # rank 0 holds the run folder's lock from the skip decision to done.json: one writer per run folder. Every
+    # process learns whether it got it, so that a refused job ends on all its processes at once.
+    from replication.training.distributed import broadcast_from_main
+
+    with contextlib.ExitStack() as lock:
+        busy = None
+        if dist.is_main:
+            try:
+                lock.enter_context(folder_lock(run_dir, stage))
+            except FolderBusy as exc:
+                busy = str(exc)
+        busy = broadcast_from_main(busy, dist)
+        if busy is not None:
+            raise FolderBusy(busy)
+        return _decide_and_run(stage, cfg, body, typed, run_dir, stage_dir, forced, device, dist)
+
+
+def _decide_and_run(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str, Any]], typed: dict[str, Any],
+                    run_dir: Path, stage_dir: Path, forced: bool, device: torch.device, dist: Any) -> dict[str, Any]:
+    from replication.training.distributed import broadcast_from_main
+
+    root = typed["root"]
+    decision: Any = None
     if dist.is_main:
-        if not forced:
-            link_reusable(stage, cfg, root)
-        up_to_date = not forced and is_up_to_date(stage, cfg)
-        if not up_to_date and stage_dir.is_symlink():  # linked from reuse_from, now stale: never write into that run
-            stage_dir.unlink()
-            log.info("stage %s of %s: no longer linked to run %s; runs in its own folder", stage, root.name,
-                     root.reuse_from)
-    up_to_date = broadcast_from_main(up_to_date, dist)  # every process follows rank 0's decision
+        try:
+            if not forced:
+                link_reusable(stage, cfg, root)
+            up_to_date = not forced and is_up_to_date(stage, cfg)
+            if not up_to_date and stage_dir.is_symlink():  # linked from reuse_from, now stale: never write there
+                stage_dir.unlink()
+                log.info("stage %s of %s: no longer linked to run %s; runs in its own folder", stage, root.name,
+                         root.reuse_from)
+            if not up_to_date:
+                verify_upstream(stage, cfg)
+            decision = up_to_date
+        except StageError as exc:
+            if not dist.enabled:
+                raise
+            decision = exc
+    decision = broadcast_from_main(decision, dist)  # every process follows rank 0's decision
+    if isinstance(decision, StageError):
+        raise decision
+    up_to_date = decision
     if up_to_date:
         result = dict(read_json(stage_dir / DONE_FILE).get("result", {}))
         result["skipped"] = True
@@ -363,9 +440,13 @@ def _run_stage(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[
             "config": {k: _select(cfg, k) for k in STAGE_DEPS[stage][0]},
             "argv": sys.argv,
         }
+        files = content_records(outputs, root=root.runs_root)
+        upstream = _upstream_ids(stage, cfg)
+        manifest["outputs_sha256"] = {path: rec["sha256"] for path, rec in files.items()}
         atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
         atomic_write_json(stage_dir / DONE_FILE, {"fingerprint": fingerprint(stage, cfg), "run_id": uuid.uuid4().hex,
-                                                  "outputs": outputs, "result": result})
+                                                  "content_id": content_id(files, upstream), "outputs": outputs,
+                                                  "files": files, "result": result})
         ctx.stats(event="stage_done", seconds=elapsed)
         log.info("stage %s of %s: done in %.1f s", stage, root.name, elapsed)
     result["skipped"] = False
@@ -404,7 +485,18 @@ def hydra_entry(run: Callable[[DictConfig], dict[str, Any]]) -> Callable[[], Non
         shutdown_distributed()
         print(json_summary(result))
 
-    return _main
+    def entry() -> None:
+        # Hydra makes its run folder from `runs_root` and `name` before `run` is called, so a bad name or an
+        # unwritable root is reported here first, as the one line `run` would give
+        from replication.preflight import check_cli_overrides
+
+        error = check_cli_overrides(sys.argv[1:])
+        if error is not None:
+            print(error, file=sys.stderr)
+            sys.exit(2)
+        _main()
+
+    return entry
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -414,7 +506,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from replication.training.signals import TrainingDiverged
     from replication.utils.io import ArtifactError
 
-    errors: list[type[BaseException]] = [ConfigError, StageError, ArtifactError, DownloadError, ChecksumError,
+    errors: list[type[BaseException]] = [ConfigError, StageError, ArtifactError, FolderBusy, DownloadError, ChecksumError,
                                          ManualDownloadRequired, UnsafeArchiveError, TrainingDiverged]
     try:
         from replication.metrics.features import StandinNotAllowedError, WeightsNotFoundError

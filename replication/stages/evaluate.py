@@ -68,7 +68,9 @@ def _features(shard_dir: Path, extractor, batch_size: int, progress: bool,
               png_dir: Optional[Path] = None) -> dict[str, torch.Tensor]:
     from replication.metrics.streaming import accumulate, iter_nhwc_shards
 
-    shards = sorted(shard_dir.glob("shard_*.npy"))
+    from replication.stages.sample import verified_shards
+
+    shards = verified_shards(shard_dir)  # the index's shards of this configuration, checked against their hashes
     total = read_json(shard_dir / "index.json")["num_samples"]
     return accumulate(iter_nhwc_shards(shards, batch_size), extractor, png_dir=png_dir, progress=progress, total=total)
 

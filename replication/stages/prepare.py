@@ -6,6 +6,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from replication.stages.common import StageContext, execute, hydra_entry
+from replication.stages.lock import folder_lock
 
 STAGE = "prepare"
 
@@ -19,11 +20,13 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     # train (training preprocessing), the splits behind the FID reference set, and the reference set itself
     # (evaluation preprocessing, no flips; paper Sec. E.3.1 uses the training set)
     splits = ["train", *[s.value for s in reference_splits(dataset) if s.value != "train"], REFERENCE]
-    for split in splits:
-        summary = prepare_dataset(dataset, split, progress=ctx.progress)
-        result["splits"][split] = summary
-        outputs.append(summary["path"])
-        ctx.stats(event="prepared", split=split, count=summary["count"], spec_hash=summary["spec_hash"])
+    # prepared folders are shared by every experiment of the dataset: one writer at a time there too
+    with folder_lock(dataset.prepared_dir, f"prepare {dataset.name} for {ctx.root.name}"):
+        for split in splits:
+            summary = prepare_dataset(dataset, split, progress=ctx.progress)
+            result["splits"][split] = summary
+            outputs.append(summary["path"])
+            ctx.stats(event="prepared", split=split, count=summary["count"], spec_hash=summary["spec_hash"])
     result["outputs"] = outputs
     return result
 

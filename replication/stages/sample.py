@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from replication.stages.artifacts import (CURVES_DIR, LDM_EMA, LDM_SNAPSHOTS, SAMPLES_DIR, load_first_stage, load_ldm,
                                           num_label_classes, to_uint8)
 from replication.stages.common import StageContext, StageError, execute, hydra_entry
-from replication.utils.io import atomic_path, atomic_write_json, check_free_space, read_json
+from replication.utils.io import atomic_path, atomic_write_json, atomic_write_text, check_free_space, read_json
+from replication.utils.verify import file_sha256
 from replication.utils.rng import StackedRandomGenerator
 
 STAGE = "sample"
@@ -116,7 +117,7 @@ def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int
     for shard in range(dist.rank, num_shards, dist.world_size):
         lo, hi = shard * shard_size, min(num_samples, (shard + 1) * shard_size)
         path = out_dir / SHARD_PATTERN.format(shard)
-        if path.exists() and np.load(path, mmap_mode="r").shape[0] == hi - lo:
+        if _shard_intact(path, hi - lo):
             bar.update(hi - lo)
             continue
         parts = []
@@ -130,14 +131,78 @@ def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, np.concatenate(parts))
+        # the shard's hash, written after it: a shard is trusted on resume only when the two agree
+        atomic_write_text(_hash_path(path), file_sha256(path) + "\n")
     bar.close()
     barrier(dist)
     index = {"num_samples": num_samples, "shard_size": shard_size, "num_shards": num_shards, "steps": steps,
-             "made_now": made, "img_per_s": (made / seconds) if seconds > 0 else None}
+             "img_per_s": (made / seconds) if seconds > 0 else None}
     if dist.is_main:
+        # exactly the shards of this configuration, with their hashes: readers take these and nothing else
+        index["shards"] = [{"file": SHARD_PATTERN.format(s), "count": min(num_samples, (s + 1) * shard_size) - s * shard_size,
+                            "sha256": _hash_path(out_dir / SHARD_PATTERN.format(s)).read_text().strip()}
+                           for s in range(num_shards)]
+        old = read_json(out_dir / "index.json") if (out_dir / "index.json").exists() else {}
+        if made == 0 and old.get("shards") == index["shards"]:
+            # nothing made now: the throughput is that of the run that made these shards, and the index stays
+            # byte for byte what it was (its content id too, so evaluation stays valid)
+            index["img_per_s"] = old.get("img_per_s")
+        extra = sorted({f.name for f in out_dir.glob("shard_*.npy")} - {r["file"] for r in index["shards"]})
+        if extra:
+            log.info("%s: %d shard(s) beyond the %d samples configured are kept on disk but not part of this "
+                     "sample set (%s ...)", out_dir, len(extra), num_samples, extra[0])
         atomic_write_json(out_dir / "index.json", index)
     barrier(dist)
-    return index
+    return {**index, "made_now": made}
+
+
+def _hash_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".sha256")
+
+
+def _shard_intact(path: Path, rows: int) -> bool:
+    """A shard made earlier may be kept only if it has the expected rows and the hash written beside it; any
+    other file there (truncated, overwritten, made without a hash) is named, removed and made again."""
+    if not path.exists():
+        return False
+    recorded = _hash_path(path)
+    problem = None
+    if not recorded.exists():
+        problem = "no recorded hash"
+    elif file_sha256(path) != recorded.read_text().strip():
+        problem = "content differs from its recorded hash"
+    else:
+        try:
+            if np.load(path, mmap_mode="r").shape[0] != rows:
+                problem = f"not {rows} samples"
+        except (OSError, ValueError) as exc:
+            problem = f"unreadable ({exc})"
+    if problem is None:
+        return True
+    log.warning("sample shard %s is not usable (%s): made again", path, problem)
+    path.unlink()
+    recorded.unlink(missing_ok=True)
+    return False
+
+
+def verified_shards(out_dir: Path) -> list[Path]:
+    """The shard files of a finished sample folder that make up its sample set (the index's list, in order), each
+    checked against the hash the index records. A missing, extra-to-the-set or damaged shard never enters a
+    metric: a damaged one stops with its name."""
+    from replication.utils.io import ArtifactError
+    from replication.utils.verify import verify_records
+
+    index = read_json(out_dir / "index.json")
+    if "shards" not in index:
+        raise ArtifactError(f"{out_dir}/index.json lists no shard hashes: sample again (force=[sample])")
+    paths = [out_dir / r["file"] for r in index["shards"]]
+    records = {str(p): {"size": p.stat().st_size if p.exists() else -1, "sha256": r["sha256"]}
+               for p, r in zip(paths, index["shards"])}
+    problems = verify_records(records, full=True)
+    if problems:
+        raise ArtifactError(f"{out_dir}: samples do not match their index ({'; '.join(problems[:3])}); they are not "
+                            "evaluated. Rerun the sample stage (python -m replication.run ...), which makes them again")
+    return paths
 
 
 def _forget_other_samples(out_dir: Path, key: str) -> None:
@@ -149,6 +214,7 @@ def _forget_other_samples(out_dir: Path, key: str) -> None:
                     "sampling again", out_dir, len(shards), str(old)[:12], key[:12])
         for f in shards:
             f.unlink()
+            _hash_path(f).unlink(missing_ok=True)
         (out_dir / "index.json").unlink(missing_ok=True)
     if old != key:
         atomic_write_json(key_file, {"key": key})
@@ -157,7 +223,7 @@ def _forget_other_samples(out_dir: Path, key: str) -> None:
 def load_samples(out_dir: Path) -> np.ndarray:
     """All shards of a finished sample folder, in sample order."""
     index = read_json(out_dir / "index.json")
-    arrays = [np.load(out_dir / SHARD_PATTERN.format(s)) for s in range(index["num_shards"])]
+    arrays = [np.load(p) for p in verified_shards(out_dir)]
     return np.concatenate(arrays)[: index["num_samples"]]
 
 
@@ -196,15 +262,20 @@ def grid_indices(num_samples: int, num_classes: int | None, per_row: int = 8, ma
 
 
 def _samples_key(ctx: StageContext):
-    """key(steps, what) for sample_to_shards: the training run of the weights (train_ldm's run id), the sampler
-    settings but the batch size, the sampling precision, the shard size and the conditioning."""
+    """key(steps, what) for sample_to_shards: the weights (train_ldm's content id) and the decoder (the
+    autoencoder's), the sampler settings but the batch size, the sampling precision, the shard size and the
+    conditioning."""
     from replication.config import to_container
     from replication.utils.io import sha256_json
 
+    from replication.stages.common import stage_content_id
+
     done = ctx.run_dir / "train_ldm" / "done.json"
-    weights_run = read_json(done).get("run_id") if done.exists() else None
+    ae_done = ctx.run_dir / "train_autoencoder" / "done.json"
+    weights = stage_content_id(read_json(done)) if done.exists() else None
+    decoder = stage_content_id(read_json(ae_done)) if ae_done.exists() else None
     sampler = {k: v for k, v in to_container(ctx.typed["sampler"]).items() if k not in ("batch_size", "num_samples")}
-    base = {"weights_run": weights_run, "sampler": sampler, "precision": ctx.root.sampling_speed.precision.value,
+    base = {"weights": weights, "decoder": decoder, "sampler": sampler, "precision": ctx.root.sampling_speed.precision.value,
             "shard_size": ctx.root.sample_shard_size, "conditioning": to_container(ctx.root.conditioning)}
     return lambda steps, what: sha256_json({**base, "steps": steps, "what": what})
 

@@ -85,7 +85,10 @@ def _body(ctx: StageContext) -> dict[str, Any]:
                       perceptual=getattr(loss_fn, "lpips_backbone", "n/a"))
     if has_params:
         save_tensors(out, model.state_dict(), metadata={"autoencoder": ae_cfg.name})
-    atomic_write_json(ctx.run_dir / AE_META, {"config": to_container(ae_cfg), **result})
+    # what the weights are, not how this run went (the last loss of a run resumed at its end is not a property of
+    # the weights): a rerun that re-makes the same weights leaves this file, and so the stage's content id, as is
+    atomic_write_json(ctx.run_dir / AE_META, {"config": to_container(ae_cfg),
+                                             **{k: v for k, v in result.items() if k != "last_loss"}})
     result["outputs"] = [ctx.run_dir / AE_META] + ([out] if has_params else [])
     return result
 
