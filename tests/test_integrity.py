@@ -205,3 +205,32 @@ def test_checkpoints_of_other_settings_are_kept_and_resumed_by_those_settings(tm
     resumed = load_resumable_state(state_dir, "A" * 64)
     assert resumed is not None and resumed["step"] == 100
     assert load_resumable_state(state_dir, "B" * 64)["step"] == 5  # and B's is kept the same way
+
+
+def test_cached_reference_statistics_are_recomputed_when_damaged_or_of_other_images(tmp_path, caplog):
+    from replication.metrics.features import build_extractor
+    from replication.metrics.reference import load_or_compute_reference
+
+    extractor = build_extractor("standin", None, "cpu", allow_standin=True)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (12, 3, 32, 32), dtype=np.uint8))
+    calls = []
+
+    def batches():
+        calls.append(1)
+        yield images
+
+    def load(source_id):
+        return load_or_compute_reference(tmp_path, "d", "train", "h", extractor, batches, pr_count=8,
+                                         expected_images=12, source_id=source_id)
+
+    first = load("images-A")
+    assert len(calls) == 1 and load("images-A").mu.tolist() == first.mu.tolist() and len(calls) == 1  # cached
+    cached = next(tmp_path.rglob("*.npz"))
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="replication"):
+        again = load("images-A")
+    assert len(calls) == 2 and "differs from the hash" in caplog.text and again.mu.tolist() == first.mu.tolist()
+    load("images-B")  # the same preprocessing, other prepared pixels: recomputed
+    assert len(calls) == 3 and "other reference images" in caplog.text

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from replication.metrics.features import POOL, FeatureExtractor
-from replication.utils.io import ArtifactError, atomic_path, check_free_space
+from replication.utils.io import ArtifactError, atomic_path, atomic_write_text, check_free_space, sha256_file
 
 NPZ_FORMAT_VERSION = 1
 _META_KEYS = ("dataset", "split", "preprocessing_hash", "extractor", "num_images", "format_version")
@@ -41,6 +41,9 @@ class ReferenceStats:
     preprocessing_hash: str
     extractor: str
     num_images: int
+    # what the reference images held (a hash of their prepared files): statistics of other pixels under the same
+    # preprocessing (re-prepared raw data, say) are recomputed, not reused. Empty when unknown (imported files).
+    source_id: str = ""
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -52,8 +55,10 @@ class ReferenceStats:
                 pr_features=self.pr_features.astype(np.float32), dataset=np.array(self.dataset),
                 split=np.array(self.split), preprocessing_hash=np.array(self.preprocessing_hash),
                 extractor=np.array(self.extractor), num_images=np.array(self.num_images, dtype=np.int64),
-                format_version=np.array(NPZ_FORMAT_VERSION, dtype=np.int64),
+                format_version=np.array(NPZ_FORMAT_VERSION, dtype=np.int64), source_id=np.array(self.source_id),
             )
+        # the file's hash, written after it: a cached file that no longer matches is recomputed, never used
+        atomic_write_text(_hash_path(path), sha256_file(path) + "\n")
         return path
 
     @classmethod
@@ -74,6 +79,7 @@ class ReferenceStats:
                     pr_features=data["pr_features"].astype(np.float32), dataset=str(data["dataset"]),
                     split=str(data["split"]), preprocessing_hash=str(data["preprocessing_hash"]),
                     extractor=str(data["extractor"]), num_images=int(data["num_images"]),
+                    source_id=str(data["source_id"]) if "source_id" in data.files else "",
                 )
         except (ValueError, OSError) as exc:
             raise ArtifactError(f"{path} is not a readable reference statistics .npz: {exc}") from exc
@@ -82,6 +88,27 @@ class ReferenceStats:
             raise ArtifactError(f"{path}: inconsistent shapes mu {stats.mu.shape}, sigma {stats.sigma.shape}, "
                                 f"pr_features {stats.pr_features.shape}")
         return stats
+
+
+def _hash_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _cached_problem(path: Path, source_id: Optional[str]) -> Optional[str]:
+    """Why a cached statistics file must not be used (None: it may). Its recorded hash must match (a file
+    imported without one is checked by its container alone) and it must describe the same reference images."""
+    recorded = _hash_path(path)
+    if recorded.exists() and sha256_file(path) != recorded.read_text().strip():
+        return "its content differs from the hash recorded when it was written"
+    if source_id:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                theirs = str(data["source_id"]) if "source_id" in data.files else ""
+        except (ValueError, OSError) as exc:
+            return f"it is unreadable ({exc})"
+        if theirs and theirs != source_id:
+            return "it was computed from other reference images (they were prepared again with other content)"
+    return None
 
 
 def _slug(text: str) -> str:
@@ -219,21 +246,26 @@ def load_or_compute_reference(
     seed: int = 0,
     progress: bool = False,
     expected_images: Optional[int] = None,
+    source_id: Optional[str] = None,
 ) -> ReferenceStats:
     """Cached reference statistics; `image_batches_fn()` yields uint8 NCHW batches and is only called on a miss.
 
     `expected_images`: how many images the reference set holds now. Cached statistics of another number of images
     (a quick run with dataset.max_images, say) or with another precision/recall subset size are recomputed, not
     returned: the cache key (dataset, split, preprocessing, extractor) does not tell them apart."""
+    import logging
+
     path = reference_cache_path(cache_dir, dataset, split, preprocessing_hash, extractor.name)
-    if path.is_file():
+    problem = _cached_problem(path, source_id) if path.is_file() else None
+    if problem is not None:
+        logging.getLogger("replication").warning("cached reference statistics %s are not used: %s; recomputing",
+                                                 path, problem)
+    if path.is_file() and problem is None:
         stats = ReferenceStats.load(path)
         check_compatible(stats, preprocessing_hash, extractor.name, dataset, split)
         if expected_images is None or (stats.num_images == expected_images
                                         and len(stats.pr_features) == min(pr_count, expected_images)):
             return stats
-        import logging
-
         logging.getLogger("replication").warning(
             "cached reference statistics %s cover %d images (%d for precision/recall); the reference set now has %d "
             "(%d wanted): recomputing", path, stats.num_images, len(stats.pr_features), expected_images,
@@ -244,5 +276,6 @@ def load_or_compute_reference(
                      what=f"reference statistics {path.name}")
     stats = compute_reference_stats(image_batches_fn(), extractor, dataset, split, preprocessing_hash,
                                     pr_count, seed, progress)
+    stats.source_id = source_id or ""
     stats.save(path)
     return stats

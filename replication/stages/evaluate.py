@@ -60,8 +60,18 @@ def reference_stats(ctx: StageContext, extractor):
     stats = load_or_compute_reference(cache_dir, dataset.name, "+".join(splits), spec_hash, extractor,
                                       lambda: _reference_batches(images_list, m.batch_size),
                                       pr_count=m.pr_reference_images, seed=m.seed, progress=ctx.progress,
-                                      expected_images=sum(len(x) for x in images_list))
+                                      expected_images=sum(len(x) for x in images_list),
+                                      source_id=reference_source_id(images))
     return stats, spec_hash
+
+
+def reference_source_id(images) -> str:
+    """What the reference images hold: a hash of the SHA-256 of their prepared files (of each part, for a
+    reference set joined from train and val), as their dataset cards record them."""
+    from replication.utils.io import sha256_json
+
+    card = images.card
+    return sha256_json(card.get("files") or [part.get("files") for part in card.get("part_cards", [])])
 
 
 def _features(shard_dir: Path, extractor, batch_size: int, progress: bool,
