@@ -12,7 +12,7 @@ from PIL import Image
 from replication.report import schema as S
 from replication.report.build import build_report
 from replication.report.compare import compare_ldm
-from replication.report.figures import MIXED_TAG, NOT_COMPARABLE_TAG, sample_grid
+from replication.report.figures import ANNOTATIONS_KEY, MIXED_TAG, NOT_COMPARABLE_TAG, sample_grid
 from replication.report.paper import PaperKeyError, load_paper_results
 from replication.report.protocol import ProtocolStatus, compare_protocol, deviations
 from replication.report.tables import DEVIATION_FLAG
@@ -469,3 +469,62 @@ def test_not_comparable_page_states_what_the_run_shows(tmp_path):
     assert "reconstruction PSNR on the validation images 24.00 dB;" in ae_page
     assert "FID at the training snapshots n/a" in ae_page
     assert "What this run shows" not in (tmp_path / "rep" / "churches_full.md").read_text()
+
+
+def _png_annotations(path: Path) -> list[dict]:
+    with Image.open(path) as im:
+        return json.loads(im.text.get(ANNOTATIONS_KEY, "[]"))
+
+
+def _expected_labels(out: Path, figure: str, axes: int) -> list[tuple[float, float, str]]:
+    """(x, y, label) of every point a figure of the report annotates, from the CSV the figure plots."""
+    if figure.endswith("_fid_vs_throughput.png"):
+        frame = pd.read_csv(out / "plots" / figure.replace("_fid_vs_throughput.png", "_fid_vs_steps.csv"))
+        return [(r.samples_per_s, r.FID, f"{int(r.steps)} st") for r in frame.itertuples()]
+    if figure == "recon_vs_f.png":
+        frame = pd.read_csv(out / "plots" / "recon_vs_f.csv")
+        col = ("rFID", "PSNR")[axes]
+        frame = frame[(frame["source"] == "paper") & frame[col].notna()]
+        return [(r.f, getattr(r, col), r.name) for r in frame.itertuples()]
+    raise AssertionError(f"{figure} has point labels but no rule in this test for checking them: add one")
+
+
+def test_every_annotated_figure_labels_the_points_its_csv_names(built):
+    """Each point label of each figure (read back from the artists, stored in the PNG) sits on a drawn point, and
+    names the row of the plotted CSV at that point."""
+    reports, _ = built
+    annotated = _check_annotated_figures(reports)
+    assert {"smoke_fid_vs_throughput.png", "churches_full_fid_vs_throughput.png", "recon_vs_f.png"} <= annotated
+
+
+def test_published_figures_label_their_points():
+    """The same check on the tracked reports/ (written by publish from real smoke runs)."""
+    annotated = _check_annotated_figures(REPO / "reports")
+    assert {"smoke_fid_vs_throughput.png", "recon_vs_f.png"} <= annotated
+
+
+def _check_annotated_figures(reports: Path) -> set[str]:
+    annotated = {}
+    for png in sorted((reports / "figures").glob("*.png")):
+        labels = _png_annotations(png)
+        if labels:
+            annotated[png.name] = labels
+    for name, labels in annotated.items():
+        for axes in sorted({a["axes"] for a in labels}):
+            expected = _expected_labels(reports, name, axes)
+            mine = [a for a in labels if a["axes"] == axes]
+            assert len(mine) == len(expected), f"{name}: {len(mine)} labels for {len(expected)} points"
+            for a in mine:
+                x, y = a["xy"]
+                assert any(np.allclose([x, y], p) for p in a["points"]), f"{name}: label {a['text']!r} is off every drawn point"
+                rows = [e for e in expected if np.allclose([x, y], e[:2])]
+                assert rows, f"{name}: label {a['text']!r} at {(x, y)} matches no row of the plotted CSV"
+                assert a["text"] in {r[2] for r in rows}, f"{name}: label {a['text']!r} sits on the point of {rows[0][2]!r}"
+    return set(annotated)
+
+
+def test_smoke_throughput_labels_name_their_step_counts(built):
+    """The smoke curve: 2 steps at 50 samples/s, 5 steps at 20 samples/s (throughput falls as steps rise)."""
+    reports, _ = built
+    by_text = {a["text"]: a["xy"] for a in _png_annotations(reports / "figures" / "smoke_fid_vs_throughput.png")}
+    assert by_text == {"2 st": [50.0, 300.0], "5 st": [20.0, 250.0]}
