@@ -17,7 +17,10 @@ Rows (each measured for the eager fp32 baseline and for the fast path, same weig
 - features: the FID feature extractor on uint8 images (lever: channels_last only; features stay fp32 because
             bf16 features would move FID).
 For each: GFLOP per image (torch.utils.flop_counter on fake tensors), img/s, achieved TFLOP/s, MFU against the
-bf16 matrix-multiply peak measured in this run, peak memory, and the fast/baseline ratio. With --profile N, N more
+bf16 matrix-multiply peak measured in this run, peak memory, and the fast/baseline ratio. Each path is timed
+`--repeats` times (each `--steps` calls): the rate is the median, with the range of the repeats beside it, and a
+row whose repeats disagree by more than NOISE_THRESHOLD of the median is flagged as noisy (on a shared CPU, say):
+its speed-up is not to be trusted, remeasure it. With --profile N, N more
 calls of each path run under torch.profiler: GPU kernel time (CPU: operator time) per category (convolution,
 matmul, attention, normalization, ...) and, on CUDA, how busy the GPU is. Output:
 <out>/<tag>.json and <out>/<tag>.md, rewritten after every row so a run cut short keeps what it measured.
@@ -31,6 +34,7 @@ import datetime as _dt
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -54,6 +58,9 @@ SAMPLE_QUOTE_STEPS = 200
 # Issue 7: on either card, training must run at least this many times the eager fp32 baseline of the same run.
 MIN_TRAIN_SPEEDUP = 4.0
 TARGET_CARD = "H200"
+# A path whose repeated timings span more than this fraction of their median ((max - min) / median) is flagged noisy.
+NOISE_THRESHOLD = 0.2
+DEFAULT_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ class BenchSettings:
     compile_autoencoder: bool = False
     seed: int = 0
     profile: int = 0  # >0: torch.profiler over this many extra calls of each path (the sampling row: one run)
+    repeats: int = DEFAULT_REPEATS  # timings of `iters` calls per path: median, range, noisy flag
 
 
 class BenchError(ValueError):
@@ -280,18 +288,27 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line}"[:300]
 
 
+def spread_of(rates: Sequence[float]) -> float:
+    """(max - min) / median of repeated rates: 0 when they agree; above NOISE_THRESHOLD the path is noisy."""
+    middle = statistics.median(rates)
+    return (max(rates) - min(rates)) / middle if middle > 0 else float("inf")
+
+
 def _measure(step: Callable[[], Any], device: torch.device, warmup: int, iters: int, images_per_call: int,
-             gflop_per_image: float, peak_tflops: float, fast: FastPath, profile_iters: int = 0) -> dict[str, Any]:
-    """Warm up (compilation happens here), reset the memory peak, time `iters` calls: the steady state. A failure
-    (out of memory, a compile error) is recorded in the result's `error` instead of ending the run. With
-    `profile_iters`, that many more calls run under torch.profiler (after the timing and the memory peak):
-    the result's `profile` says where the time goes."""
+             gflop_per_image: float, peak_tflops: float, fast: FastPath, profile_iters: int = 0,
+             repeats: int = DEFAULT_REPEATS) -> dict[str, Any]:
+    """Warm up (compilation happens here), reset the memory peak, time `iters` calls `repeats` times: the steady
+    state. The rate is the median of the repeats (`img_per_s`, from the median `seconds_per_iter`), with their
+    range (`img_per_s_min`/`_max`, each repeat in `img_per_s_repeats`), `spread` = range / median and `noisy` when
+    the spread exceeds NOISE_THRESHOLD. A failure (out of memory, a compile error) is recorded in the result's
+    `error` instead of ending the run. With `profile_iters`, that many more calls run under torch.profiler (after
+    the timing and the memory peak): the result's `profile` says where the time goes."""
     mem = PeakMemory(device)
     result: dict[str, Any] = {"levers": fast.levers() or ["eager fp32"], "error": None}
     try:
         warm = time_fn(step, device, iters=max(warmup, 1), warmup=0) if warmup else None
         mem.reset()
-        timing = time_fn(step, device, iters=iters, warmup=0)
+        timings = [time_fn(step, device, iters=iters, warmup=0) for _ in range(max(repeats, 1))]
     except torch.OutOfMemoryError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         result["error"] = f"out of memory: {first_line}"
@@ -302,14 +319,19 @@ def _measure(step: Callable[[], Any], device: torch.device, warmup: int, iters: 
         # before the next path is measured
         _release_memory(device)
         return result
-    img_per_s = images_per_call / timing.seconds_per_iter
+    seconds = statistics.median(t.seconds_per_iter for t in timings)
+    img_per_s = images_per_call / seconds
+    rates = [images_per_call / t.seconds_per_iter for t in timings]
     tflops = gflop_per_image * img_per_s / 1e3
-    result.update(img_per_s=img_per_s, seconds_per_iter=timing.seconds_per_iter, iters=timing.iters,
+    spread = spread_of(rates)
+    result.update(img_per_s=img_per_s, seconds_per_iter=seconds, iters=timings[0].iters, repeats=len(timings),
+                  img_per_s_repeats=rates, img_per_s_min=min(rates), img_per_s_max=max(rates), spread=spread,
+                  noisy=spread > NOISE_THRESHOLD,
                   warmup_seconds=(warm.seconds_per_iter * warm.iters) if warm else 0.0, tflops=tflops,
                   mfu=tflops / peak_tflops, peak_mem_gib=mem.peak_gib(), peak_mem_kind=mem.kind)
     if profile_iters:
         try:
-            result["profile"] = profile_breakdown(step, device, profile_iters, timing.seconds_per_iter)
+            result["profile"] = profile_breakdown(step, device, profile_iters, seconds)
         except Exception as exc:  # noqa: BLE001 - a profiler failure (e.g. no CUPTI) keeps the measured timing
             result["profile_error"] = _first_line(exc)
     return result
@@ -362,7 +384,7 @@ def measure_train(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: Ben
         # as the loop: the step's loss is read one step late, so the host never waits for the GPU
         reads.extend(reader.push(len(reads), loss.detach().float().reshape(1)))
 
-    result = _measure(step, device, s.warmup, s.iters, s.batch, gflop, peak, fast, s.profile)
+    result = _measure(step, device, s.warmup, s.iters, s.batch, gflop, peak, fast, s.profile, s.repeats)
     reads.extend(reader.flush())
     del model, forward, ema, optimizer
     free_device_memory(device)
@@ -400,7 +422,8 @@ def measure_sample(typed: dict[str, Any], base: nn.Module, fast: FastPath, s: Be
     n_run = len(ddim_timesteps(s.sample_steps, schedule.num_timesteps, typed["sampler"].spacing))
     # one call of n_run steps = n_run / n_quote of a quoted sample set; as images/call that is batch * n_run / n_quote
     result = _measure(lambda: run(s.sample_steps), device, min(s.warmup, 1), 1, s.sample_batch * n_run / n_quote,
-                      gflop_step * n_quote, peak, fast.only("bf16", "channels_last", "compile"), min(s.profile, 1))
+                      gflop_step * n_quote, peak, fast.only("bf16", "channels_last", "compile"), min(s.profile, 1),
+                      s.repeats)
     result.update(steps_run=n_run, steps_quoted=n_quote)
     final = out[0].float().cpu() if out else None
     del unet, call, denoiser
@@ -429,7 +452,7 @@ def measure_first_stage(typed: dict[str, Any], base: nn.Module, fast: FastPath, 
         with torch.no_grad():
             out[:] = [call(x)]
 
-    result = _measure(step, device, s.warmup, s.iters, s.ae_batch, gflop, peak, fast, s.profile)
+    result = _measure(step, device, s.warmup, s.iters, s.ae_batch, gflop, peak, fast, s.profile, s.repeats)
     final = out[0].float().cpu() if out else None
     del ae, call
     free_device_memory(device)
@@ -451,7 +474,7 @@ def measure_features(typed: dict[str, Any], fast: FastPath, s: BenchSettings, gf
         with torch.no_grad():
             out[:] = [call(images)]
 
-    result = _measure(step, device, s.warmup, s.iters, s.feature_batch, gflop, peak, fast, s.profile)
+    result = _measure(step, device, s.warmup, s.iters, s.feature_batch, gflop, peak, fast, s.profile, s.repeats)
     final = None
     if out:
         first = out[0]
@@ -466,15 +489,32 @@ def measure_features(typed: dict[str, Any], fast: FastPath, s: BenchSettings, gf
 
 def _row(name: str, what: str, batch: int, gflop: float, baseline: dict[str, Any], fast: dict[str, Any],
          experiment: str, device: dict[str, Any], rel_err: Optional[float] = None, **extra: Any) -> dict[str, Any]:
-    speedup = None
+    speedup = speedup_range = None
     if baseline.get("img_per_s") and fast.get("img_per_s"):
-        speedup = fast["img_per_s"] / baseline["img_per_s"]
+        speedup = fast["img_per_s"] / baseline["img_per_s"]  # of the medians
+        # the extremes the repeats allow: slowest fast over fastest baseline, fastest fast over slowest baseline
+        lo_b = baseline.get("img_per_s_min", baseline["img_per_s"])
+        hi_b = baseline.get("img_per_s_max", baseline["img_per_s"])
+        lo_f, hi_f = fast.get("img_per_s_min", fast["img_per_s"]), fast.get("img_per_s_max", fast["img_per_s"])
+        speedup_range = [lo_f / hi_b, hi_f / lo_b]
+    noise = noise_note(baseline, fast)
     row = {"row": name, "what": what, "batch": batch, "gflop_per_img": gflop, "baseline": baseline, "fast": fast,
-           "speedup": speedup, "fast_vs_baseline_rel_err": rel_err, **extra}
+           "speedup": speedup, "speedup_range": speedup_range, "noisy": noise is not None, "noise": noise,
+           "fast_vs_baseline_rel_err": rel_err, **extra}
     target = TARGETS.get((experiment, name))
     row["target"] = dataclasses.asdict(target) if target else None
     row["verdict"] = verdict(experiment, name, fast, speedup, device["name"], device["type"])
     return row
+
+
+def noise_note(baseline: dict[str, Any], fast: dict[str, Any]) -> Optional[str]:
+    """Why a row's numbers are not to be trusted (a path's repeats disagree), or None."""
+    noisy = [f"{label} spread {mode['spread']:.0%}" for label, mode in (("eager fp32", baseline), ("fast", fast))
+             if mode.get("noisy")]
+    if not noisy:
+        return None
+    return (f"NOISY: repeats disagree ({', '.join(noisy)} of the median, over {NOISE_THRESHOLD:.0%}); remeasure "
+            "on a quiet machine before trusting this row")
 
 
 def verdict(experiment: str, row: str, fast: dict[str, Any], speedup: Optional[float], device: str,
@@ -658,19 +698,36 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def _rate(mode: dict[str, Any]) -> str:
-    return mode["error"] if mode.get("error") else _fmt(mode.get("img_per_s"))
+    """The median rate, with the range of the repeats when there were several: '120.5 (98.2-131.0)'."""
+    if mode.get("error"):
+        return mode["error"]
+    text = _fmt(mode.get("img_per_s"))
+    if (mode.get("repeats") or 1) > 1 and mode.get("img_per_s_min") is not None:
+        text += f" ({_fmt(mode['img_per_s_min'])}-{_fmt(mode['img_per_s_max'])})"
+    return text
+
+
+def _speedup(row: dict[str, Any]) -> str:
+    text = _fmt(row["speedup"], 2)
+    spread = row.get("speedup_range")
+    if spread and row["speedup"] is not None and spread[1] - spread[0] > 1e-12:
+        text += f" ({_fmt(spread[0], 2)}-{_fmt(spread[1], 2)})"
+    return text
 
 
 def _row_line(row: dict[str, Any]) -> str:
-    return (f"[bench]   {row['row']}: eager fp32 {_rate(row['baseline'])} img/s, fast {_rate(row['fast'])} img/s, "
-            f"x{_fmt(row['speedup'], 2)}, MFU {_fmt((row['fast'].get('mfu') or 0) * 100)}%")
+    line = (f"[bench]   {row['row']}: eager fp32 {_rate(row['baseline'])} img/s, fast {_rate(row['fast'])} img/s, "
+            f"x{_speedup(row)}, MFU {_fmt((row['fast'].get('mfu') or 0) * 100)}%")
+    return line + (f"; {row['noise']}" if row.get("noise") else "")
 
 
 INTRO = ("Eager fp32 baseline and fast path measured side by side in the same run; speed-ups are ratios of the two. "
          "MFU = achieved TFLOP/s / the bf16 matrix-multiply peak measured in the same run (on a shared CPU that "
          "peak is noisy and MFU can exceed 100%). GFLOP counted with torch.utils.flop_counter (2 per "
          "multiply-accumulate; matmuls, convolutions, attention). Sampling is quoted per image at "
-         f"{SAMPLE_QUOTE_STEPS} DDIM steps. "
+         f"{SAMPLE_QUOTE_STEPS} DDIM steps. Rates are the median of the repeated timings (the settings' `repeats`), "
+         "with their range in brackets; a speed-up's range pairs the extremes. A row whose repeats span more than "
+         f"{NOISE_THRESHOLD:.0%} of their median is marked NOISY: remeasure it before trusting it. "
          "Regenerate: `python -m replication.bench experiment=NAME` with the JSON's `settings`.")
 TABLE_HEAD = ("| row | what | batch | GFLOP/img | eager fp32 img/s | fast img/s | speed-up | fast levers | fast TFLOP/s "
               "| MFU eager | MFU fast | peak GiB eager / fast | fast warm-up s | original code (H200) | verdict |\n"
@@ -690,8 +747,9 @@ def _table_row(row: dict[str, Any]) -> str:
             original += f", {_fmt(t['original_mem_gib'])} GiB"
     memory = f"{_fmt(b.get('peak_mem_gib'), 2)} / {_fmt(f.get('peak_mem_gib'), 2)}"
     cells = [row["row"], row["what"], row["batch"], _fmt(row["gflop_per_img"], 2), _rate(b), _rate(f),
-             _fmt(row["speedup"], 2), "+".join(f.get("levers", [])), _fmt(f.get("tflops"), 2), _pct(b), _pct(f),
-             memory, _fmt(f.get("warmup_seconds")), original, row.get("verdict") or "-"]
+             _speedup(row), "+".join(f.get("levers", [])), _fmt(f.get("tflops"), 2), _pct(b), _pct(f),
+             memory, _fmt(f.get("warmup_seconds")), original,
+             "; ".join(v for v in (row.get("verdict"), row.get("noise")) if v) or "-"]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -777,7 +835,7 @@ def target_summary(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                          levers=row["fast"].get("levers"), fast_img_per_s=row["fast"]["img_per_s"],
                          eager_img_per_s=row["baseline"].get("img_per_s"), speedup=row["speedup"],
                          mfu=row["fast"].get("mfu"), peak_mem_gib=row["fast"].get("peak_mem_gib"),
-                         verdict=row.get("verdict"))
+                         verdict=row.get("verdict"), noisy=bool(row.get("noisy")), noise=row.get("noise"))
         summary.append(entry)
     return summary
 
@@ -795,7 +853,7 @@ def _summary_lines(summary: Sequence[dict[str, Any]]) -> list[str]:
         if e["measured"]:
             cells = [_fmt(e["eager_img_per_s"]), _fmt(e["fast_img_per_s"]), _fmt(e["speedup"], 2),
                      f"{_fmt((e['mfu'] or 0) * 100)}%", _fmt(e["peak_mem_gib"], 2), "+".join(e["levers"] or []),
-                     e["run_created"], e["verdict"] or "-"]
+                     e["run_created"], "; ".join(v for v in (e["verdict"], e.get("noise")) if v) or "-"]
         else:
             cells = ["-", "-", "-", "-", "-", "-", "-", "not measured"]
         lines.append("| " + " | ".join([e["experiment"], e["row"], original, goal, *map(str, cells)]) + " |")
@@ -841,8 +899,9 @@ def merge_reports(paths: Sequence[Path], out_dir: Path, tag: Optional[str] = Non
 def _defaults(device: torch.device) -> dict[str, int]:
     """Iteration counts and side batches: short on the CPU (tiny shapes), enough for steady state on a GPU."""
     if device.type == "cuda":
-        return {"iters": 5, "warmup": 2, "sample_steps": 10, "ae_batch": 16, "feature_batch": 100}
-    return {"iters": 3, "warmup": 1, "sample_steps": 2, "ae_batch": 4, "feature_batch": 8}
+        return {"iters": 5, "warmup": 2, "sample_steps": 10, "ae_batch": 16, "feature_batch": 100,
+                "repeats": DEFAULT_REPEATS}
+    return {"iters": 3, "warmup": 1, "sample_steps": 2, "ae_batch": 4, "feature_batch": 8, "repeats": DEFAULT_REPEATS}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -855,6 +914,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--ae-batch", type=int, default=None, help="encoder/decoder batch")
     p.add_argument("--feature-batch", type=int, default=None, help="feature-extraction batch")
     p.add_argument("--steps", type=int, default=None, help="timed iterations per measurement")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"measurements per path (default {DEFAULT_REPEATS}): median, range, and a NOISY flag when "
+                        f"they span more than {NOISE_THRESHOLD:.0%} of the median")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations before timing (compilation)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps actually run for the sampling row")
     p.add_argument("--fast", default=None, help="levers of the fast path: bf16,channels_last,compile,fused_adam | "
@@ -894,7 +956,8 @@ def settings_from_args(args: argparse.Namespace, typed: dict[str, Any]) -> Bench
         iters=pick(args.steps, d["iters"], "steps"),
         warmup=d["warmup"] if args.warmup is None else max(0, args.warmup),
         sample_steps=pick(args.sample_steps, d["sample_steps"], "sample-steps"), fast=fast, rows=rows,
-        compile_autoencoder=args.compile_autoencoder, seed=args.seed, profile=max(0, args.profile))
+        compile_autoencoder=args.compile_autoencoder, seed=args.seed, profile=max(0, args.profile),
+        repeats=pick(args.repeats, d["repeats"], "repeats"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replication.bench import (MIN_TRAIN_SPEEDUP, ORIGINAL_GFLOP, ROWS, SAMPLE_QUOTE_STEPS, TARGETS, BenchError,
+from replication.bench import (MIN_TRAIN_SPEEDUP, NOISE_THRESHOLD, ORIGINAL_GFLOP, ROWS, SAMPLE_QUOTE_STEPS, TARGETS, BenchError,
                                compose_typed, first_stage_flops, main, merge_reports, parse_args, run_bench,
                                settings_from_args, unet_flops, verdict)
 from replication.perf import (OTHER_CATEGORY, FastPath, PeakMemory, PerfError, count_flops, matmul_peak_tflops,
@@ -30,7 +30,7 @@ def smoke_run(tmp_path_factory):
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rc = main(["experiment=smoke", "--device", "cpu", "--batch", "4", "--sample-batch", "4", "--steps", "2",
+        rc = main(["experiment=smoke", "--device", "cpu", "--batch", "4", "--sample-batch", "4", "--steps", "1",
                    "--warmup", "1", "--sample-steps", "2", "--fast", FAST, "--out", str(out), "--tag", "smoke",
                    "--quiet"])
     finally:
@@ -58,6 +58,18 @@ def test_smoke_bench_writes_every_field(smoke_run):
             assert m["mfu"] == pytest.approx(m["tflops"] / peak, rel=1e-9)
         assert row["baseline"]["levers"] == ["eager fp32"]
         assert row["speedup"] == pytest.approx(row["fast"]["img_per_s"] / row["baseline"]["img_per_s"], rel=1e-9)
+        # each path timed 3 times: the median rate, the range of the repeats, and the noisy flag they give
+        for mode in ("baseline", "fast"):
+            m = row[mode]
+            rates = m["img_per_s_repeats"]
+            assert m["repeats"] == len(rates) == 3
+            assert (m["img_per_s_min"], m["img_per_s_max"]) == (min(rates), max(rates))
+            assert m["img_per_s_min"] <= m["img_per_s"] <= m["img_per_s_max"]
+            assert m["spread"] == pytest.approx((max(rates) - min(rates)) / m["img_per_s"], rel=1e-9)
+            assert m["noisy"] == (m["spread"] > NOISE_THRESHOLD)
+        low, high = row["speedup_range"]
+        assert low <= row["speedup"] <= high
+        assert row["noisy"] == (row["baseline"]["noisy"] or row["fast"]["noisy"]) == (row["noise"] is not None)
         assert row["verdict"] == "no target on the CPU"
         assert row["fast_vs_baseline_rel_err"] is not None and math.isfinite(row["fast_vs_baseline_rel_err"])
     by_name = {row["row"]: row for row in report["rows"]}
@@ -364,3 +376,37 @@ def test_a_run_cut_while_the_fast_path_compiles_keeps_the_rows_baseline(tmp_path
     assert pending["row"] == "train" and pending["baseline"]["img_per_s"] > 0 and pending["baseline"]["error"] is None
     text = render_markdown([report])
     assert "Row train" in text and "did not" in text and _fmt(pending["baseline"]["img_per_s"]) in text
+
+
+def test_repeats_that_disagree_flag_the_row_as_noisy():
+    """A shared CPU gave x0.5 and x19 for the same row in two runs: each path is timed several times, and a row
+    whose repeats disagree says so (here the step slows down from one repeat to the next, as under a neighbour's
+    load), next to the median and the range, in the JSON, the progress line and the table."""
+    import time
+
+    from replication.bench import _measure, _row, _row_line, render_markdown
+
+    calls = []
+
+    def slowing() -> None:  # repeat k (one call each) takes (k + 1) x 10 ms: rates 400, 200, 133 img/s
+        calls.append(1)
+        time.sleep(0.01 * len(calls))
+
+    noisy = _measure(slowing, torch.device("cpu"), warmup=0, iters=1, images_per_call=4, gflop_per_image=1.0,
+                     peak_tflops=1.0, fast=FastPath(), repeats=3)
+    assert len(calls) == 3 and noisy["repeats"] == 3 and noisy["noisy"] is True
+    rates = noisy["img_per_s_repeats"]
+    assert rates == sorted(rates, reverse=True) and noisy["img_per_s"] == pytest.approx(4 / 0.02, rel=0.3)
+    assert noisy["img_per_s"] == pytest.approx(sorted(rates)[1], rel=1e-9)  # the median repeat
+    steady = dict(noisy, img_per_s=100.0, img_per_s_min=99.0, img_per_s_max=101.0, spread=0.02, noisy=False)
+    row = _row("train", "step", 4, 1.0, steady, noisy, "smoke", {"name": "CPU", "type": "cpu"})
+    assert row["noisy"] is True and row["verdict"] == "no target on the CPU"
+    assert row["speedup_range"] == pytest.approx([noisy["img_per_s_min"] / 101.0, noisy["img_per_s_max"] / 99.0])
+    assert row["noise"].startswith("NOISY: repeats disagree (fast spread ")
+    assert "NOISY" in _row_line(row)
+    report = {"experiment": "smoke", "device": {"name": "CPU", "torch": torch.__version__, "threads": 1},
+              "created": "now", "fast_path": "none", "rows": [row]}
+    table_row = next(ln for ln in render_markdown([report]).splitlines() if ln.startswith("| train |"))
+    assert "| 100.0 (99.0-101.0) |" in table_row and "NOISY: repeats disagree" in table_row
+    quiet = _row("train", "step", 4, 1.0, steady, steady, "smoke", {"name": "CPU", "type": "cpu"})
+    assert quiet["noisy"] is False and quiet["noise"] is None and "NOISY" not in _row_line(quiet)
