@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
 from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
                                               set_rng_state)
 from replication.training.ldm_trainer import DataOrder
@@ -102,6 +103,7 @@ def train_autoencoder_loop(
             values = {k: sum(r[j] for r in rows) / micro for j, k in enumerate(keys)}  # mean over micro-batches
             loss = values.pop(_LOSS_G)
             if not math.isfinite(loss):
+                curves.close()  # the curves up to the last good step stay readable
                 raise TrainingDiverged(f"autoencoder loss is {loss} at step {read.step}; last good checkpoint kept in "
                                        f"{state_dir}")
             last = loss

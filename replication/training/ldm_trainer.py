@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
 from replication.diffusion.objective import diffusion_loss, sample_timesteps
 from replication.diffusion.schedule import Schedule
 from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
@@ -230,6 +231,7 @@ def train_loop(
                 values = [v / dist.world_size for v in values[:-1]]
             if not all(math.isfinite(v) for v in values):
                 bad = next(v for v in values if not math.isfinite(v))
+                curves.close()  # the curves up to the last good step stay readable
                 raise TrainingDiverged(
                     f"loss is {bad} at step {read.step}; stopped. The last good full-state checkpoint in {state_dir} "
                     "is untouched: lower the learning rate or check the data, then rerun to resume.")
