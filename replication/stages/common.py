@@ -239,6 +239,12 @@ def _setup_logging(stage_dir: Path, rank: int = 0) -> logging.Handler:
     return handler
 
 
+# Stages whose files are a cache of a computation from their inputs (latents of the frozen encoder): re-made, they
+# may differ in the last float bits (other kernels, another device) while meaning the same thing, so their content
+# id is what they were made from (config and upstream content ids), not their bytes. Their files are still
+# recorded and verified like every other stage's. Training would otherwise restart whenever the cache is re-made.
+DERIVED_STAGES = frozenset({"encode_latents"})
+
 # Stages a run may link from `reuse_from` (their outputs live in their own folder; evaluate and report also write
 # the run's metrics.json and report pages, so they always run for the new name)
 REUSABLE_STAGES = ("prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample")
@@ -442,10 +448,15 @@ def _run_stage(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[
         }
         files = content_records(outputs, root=root.runs_root)
         upstream = _upstream_ids(stage, cfg)
+        if stage in DERIVED_STAGES:  # identified by what it was made from (see DERIVED_STAGES)
+            files_for_id: dict[str, Any] = {}
+            upstream = {"derived_from": fingerprint(stage, cfg)}
+        else:
+            files_for_id = files
         manifest["outputs_sha256"] = {path: rec["sha256"] for path, rec in files.items()}
         atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
         atomic_write_json(stage_dir / DONE_FILE, {"fingerprint": fingerprint(stage, cfg), "run_id": uuid.uuid4().hex,
-                                                  "content_id": content_id(files, upstream), "outputs": outputs,
+                                                  "content_id": content_id(files_for_id, upstream), "outputs": outputs,
                                                   "files": files, "result": result})
         ctx.stats(event="stage_done", seconds=elapsed)
         log.info("stage %s of %s: done in %.1f s", stage, root.name, elapsed)
