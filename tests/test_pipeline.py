@@ -34,6 +34,11 @@ def test_smoke_run_leaves_grid_metrics_table_and_figure(smoke_run):
     assert metrics["protocol"]["feature_extractor"]  # which extractor was used is recorded
     table = (tmp / "reports" / "smoke.md").read_text()
     assert "NOT COMPARABLE" in table.upper()
+    psnr = metrics["first_stage"]["psnr"]  # the autoencoder's reconstruction quality, stated on the page
+    assert math.isfinite(psnr["value"]) and psnr["images"] > 0
+    from replication.report.tables import fmt
+
+    assert f"reconstruction PSNR {fmt(psnr['value'])} dB (mean over {psnr['images']} images" in table, table[:1500]
     assert "4.02" in table  # placed next to the paper's Table 1 LSUN-Churches row
     grid = tmp / "reports" / "figures" / "smoke_samples.png"
     with Image.open(grid) as im:

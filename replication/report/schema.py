@@ -50,6 +50,7 @@ K_PROTOCOL = "protocol"
 K_PAPER_PROTOCOL = "paper_protocol"
 K_CURVES = "curves"
 K_THROUGHPUT = "throughput"
+K_FIRST_STAGE = "first_stage"  # the run's autoencoder: reconstruction PSNR (value, std, images, split)
 K_AUTOENCODER = "autoencoder"
 K_F = "f"
 K_N_IMAGES = "n_images"
@@ -81,7 +82,8 @@ T_SAMPLING_IMG_PER_S = "sampling_img_per_s"
 T_DEVICE = "device"
 
 LDM_REQUIRED = (K_SCHEMA_VERSION, K_EXPERIMENT, K_COMPARABLE, K_METRICS, K_PROTOCOL)
-LDM_OPTIONAL = (K_CREATED, K_NOT_COMPARABLE_REASONS, K_PAPER, K_FID_INF, K_PAPER_PROTOCOL, K_CURVES, K_THROUGHPUT)
+LDM_OPTIONAL = (K_CREATED, K_NOT_COMPARABLE_REASONS, K_PAPER, K_FID_INF, K_PAPER_PROTOCOL, K_CURVES, K_THROUGHPUT,
+                K_FIRST_STAGE)
 RECON_REQUIRED = (K_SCHEMA_VERSION, K_EXPERIMENT, K_AUTOENCODER, K_F, K_COMPARABLE, K_METRICS)
 RECON_OPTIONAL = (K_CREATED, K_NOT_COMPARABLE_REASONS, K_N_IMAGES, K_PAPER, K_PROTOCOL)
 
@@ -117,6 +119,7 @@ class LdmRun:
     paper_protocol: dict[str, Any]
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     throughput: dict[str, Any] = field(default_factory=dict)
+    first_stage: dict[str, Any] = field(default_factory=dict)
     fid_inf: float | None = None
     created: str | None = None
 
@@ -286,6 +289,7 @@ def load_metrics(path: str | Path, strict: bool = True) -> LdmRun:
         paper_protocol=_object(path, data, K_PAPER_PROTOCOL),
         curves=_curves(path, data),
         throughput=_object(path, data, K_THROUGHPUT),
+        first_stage=_object(path, data, K_FIRST_STAGE),
         fid_inf=None if fid_inf is None else float(fid_inf),
         created=data.get(K_CREATED),
     )

@@ -156,9 +156,13 @@ def run_statement(comparisons: Sequence[ExperimentComparison]) -> str:
     if not comparisons or all(ec.comparable for ec in comparisons):
         return ""
     psnr = next((ec.row(S.PSNR) for ec in comparisons if ec.kind is RunKind.RECONSTRUCTION and ec.row(S.PSNR)), None)
-    psnr_text = ("n/a (not recorded by this run)" if psnr is None or psnr.comparison.ours is None
-                 else f"{fmt(psnr.comparison.ours)} dB")
+    psnr_text = ("on the validation images n/a (not recorded by this run)" if psnr is None or psnr.comparison.ours is None
+                 else f"on the validation images {fmt(psnr.comparison.ours)} dB")
     gen = next((ec for ec in comparisons if ec.kind is RunKind.GENERATION and ec.run is not None), None)
+    recorded = None if gen is None else gen.run.first_stage.get("psnr")
+    if isinstance(recorded, dict) and recorded.get("value") is not None:  # measured by the LDM run's evaluation
+        psnr_text = (f"{fmt(float(recorded['value']))} dB (mean over {recorded.get('images')} images of the "
+                     f"{recorded.get('split')})")
     ends = None if gen is None else _curve_ends(gen.run.curves.get(S.CURVE_FID_VS_TRAIN_STEPS, []), S.C_TRAIN_STEP, S.FID)
     if ends is None:
         fid_text = "FID at the training snapshots n/a (no FID-vs-training-steps curve)"
@@ -166,7 +170,7 @@ def run_statement(comparisons: Sequence[ExperimentComparison]) -> str:
         first, last = ends
         fid_text = (f"FID {fmt(float(first[S.FID]))} at the first training snapshot (step {first[S.C_TRAIN_STEP]}) and "
                     f"{fmt(float(last[S.FID]))} at the last (step {last[S.C_TRAIN_STEP]})")
-    return (f"**What this run shows:** autoencoder reconstruction PSNR on the validation images {psnr_text}; "
+    return (f"**What this run shows:** autoencoder reconstruction PSNR {psnr_text}; "
             f"{fid_text}; a pipeline check, not the paper's protocol.\n")
 
 

@@ -165,8 +165,33 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
                "not_comparable_reasons": reasons, "paper": _paper_ref(ctx), "metrics": res["metrics"],
                "fid_extrapolated_infinity": res["fid_extrapolated_infinity"], "protocol": protocol,
                "paper_protocol": _paper_protocol(ctx), "curves": curves,
-               "throughput": {"sampling_img_per_s": index.get("img_per_s"), "device": str(ctx.device)}}
+               "throughput": {"sampling_img_per_s": index.get("img_per_s"), "device": str(ctx.device)},
+               "first_stage": {"psnr": first_stage_psnr(ctx)}}
     return metrics
+
+
+FIRST_STAGE_PSNR_IMAGES = 256
+
+
+def first_stage_psnr(ctx: StageContext) -> dict[str, Any]:
+    """How well the run's autoencoder reconstructs (posterior mode): PSNR in dB, mean and std over the first
+    FIRST_STAGE_PSNR_IMAGES images of the FID reference set, which names its split. What the latent model can reach
+    is bounded by it, so a run's page states it beside its FID."""
+    from replication.data.prepare import REFERENCE, open_prepared
+    from replication.data.prepared import to_model_input
+    from replication.metrics.reconstruction import psnr, summarize
+
+    images = open_prepared(ctx.typed["dataset"], REFERENCE)
+    model = load_first_stage(ctx.run_dir, ctx.typed, ctx.device)
+    n, values = min(len(images), FIRST_STAGE_PSNR_IMAGES), []
+    with torch.no_grad():
+        for start in range(0, n, ctx.typed["metrics"].batch_size):
+            batch = images.get_batch(np.arange(start, min(n, start + ctx.typed["metrics"].batch_size)))
+            x_rec, _ = model(to_model_input(batch).to(ctx.device), sample_posterior=False)
+            orig = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+            values.extend(psnr(orig, to_uint8(x_rec).cpu()).tolist())
+    return {**summarize(values), "unit": "dB", "images": n,
+            "split": f"reference set ({ctx.typed['dataset'].fid_reference.value})"}
 
 
 def train_loss_curve(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
