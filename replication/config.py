@@ -151,7 +151,7 @@ class RootConfig:
     not_comparable_reason: Optional[str] = None
     data_root: str = "data"
     runs_root: str = "runs"
-    reports_dir: str = "reports"
+    reports_dir: str = "runs/reports"  # the YAML default is ${runs_root}/reports: generated output stays untracked
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cpu_threads: Optional[int] = None  # torch.set_num_threads on the CPU (1 is fastest for the tiny smoke models)
     progress: bool = True
