@@ -91,7 +91,7 @@ def test_demo_learns_within_five_minutes(tmp_path):
     lower at the last training snapshot than at the first, all in under 300 s of wall time."""
     import torch
 
-    from replication.data.prepare import open_prepared
+    from replication.data.prepare import open_prepared, prepare_dataset
     from replication.data.prepared import to_model_input
     from replication.metrics.reconstruction import psnr
     from replication.stages.artifacts import load_first_stage, to_uint8
@@ -106,6 +106,7 @@ def test_demo_learns_within_five_minutes(tmp_path):
 
     typed = validate_config(compose([f"experiment={DEMO}", *_demo_overrides(tmp_path)]))
     run_dir = tmp_path / "runs" / DEMO
+    prepare_dataset(typed["dataset"], "val", progress=False)  # an LDM run prepares train (the FID reference) only
     val = open_prepared(typed["dataset"], "val")
     batch = val.get_batch(np.arange(len(val)))
     model = load_first_stage(run_dir, typed, torch.device("cpu"))
