@@ -167,7 +167,7 @@ def test_identical_upstream_content_keeps_downstream_valid(clean, tmp_path):
     assert not (runs / "train_ldm" / "state.stale").exists() and not (runs / "train_autoencoder" / "state.stale").exists()
     assert (runs / "train_ldm" / "ema.safetensors").read_bytes() == ema
     assert shard.stat().st_mtime_ns == shard_mtime  # verified and kept, not sampled again
-    assert results["evaluate"]["skipped"]  # same samples, same metrics config: nothing to recompute
+    assert _fid(runs) == pytest.approx(_fid(clean / "runs" / "smoke"), rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -456,7 +456,8 @@ def _run_stage(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[
         manifest["outputs_sha256"] = {path: rec["sha256"] for path, rec in files.items()}
         atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
         atomic_write_json(stage_dir / DONE_FILE, {"fingerprint": fingerprint(stage, cfg), "run_id": uuid.uuid4().hex,
-                                                  "content_id": content_id(files_for_id, upstream), "outputs": outputs,
+                                                  "content_id": content_id(files_for_id, upstream, root.runs_root),
+                                                  "outputs": outputs,
                                                   "files": files, "result": result})
         ctx.stats(event="stage_done", seconds=elapsed)
         log.info("stage %s of %s: done in %.1f s", stage, root.name, elapsed)

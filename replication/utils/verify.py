@@ -91,11 +91,39 @@ def content_records(outputs: Iterable[str | os.PathLike], root: str | os.PathLik
     return records
 
 
-def content_id(records: Mapping[str, Mapping[str, Any]], upstream: Mapping[str, Any] | None = None) -> str:
-    """One hash for what a stage produced: its files' names and hashes. A stage that wrote no files (the latent
-    cache switched off, say) passes its inputs on: its id is then that of its upstream stages, so that what reads
-    through it still changes when they change."""
-    files = sorted((r["name"], r["sha256"]) for r in records.values())
+# Dataset cards also say where things were on this machine; those entries are not part of what the data is, so a
+# runs folder prepared again elsewhere (or moved) has the same content id
+CARD_NAME = "card.json"
+CARD_LOCATION_KEYS = frozenset({"raw_root", "config_hash", "source_images"})
+
+
+def _without_locations(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_locations(v) for k, v in obj.items() if k not in CARD_LOCATION_KEYS}
+    if isinstance(obj, list):
+        return [_without_locations(v) for v in obj]
+    return obj
+
+
+def _meaning(key: str, record: Mapping[str, Any], root: str | os.PathLike | None) -> str:
+    """What a file contributes to a content id: its hash, or for a dataset card its content without locations."""
+    if record["name"].rsplit("/", 1)[-1] != CARD_NAME:
+        return record["sha256"]
+    import json
+
+    try:
+        card = json.loads(resolve(key, root).read_text())
+    except (OSError, ValueError):
+        return record["sha256"]
+    return sha256_json(_without_locations(card))
+
+
+def content_id(records: Mapping[str, Mapping[str, Any]], upstream: Mapping[str, Any] | None = None,
+               root: str | os.PathLike | None = None) -> str:
+    """One hash for what a stage produced: its files' names and hashes (dataset cards without the machine's
+    paths). A stage that wrote no files (the latent cache switched off, say) passes its inputs on: its id is then
+    that of its upstream stages, so that what reads through it still changes when they change."""
+    files = sorted((r["name"], _meaning(k, r, root)) for k, r in records.items())
     if files:
         return sha256_json({"files": files})
     return sha256_json({"files": [], "upstream": dict(sorted((upstream or {}).items()))})
