@@ -17,10 +17,10 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from replication.data.prepared import PreparedImages, epoch_order, flip_mask, publish_folder, to_model_input
 from replication.utils.io import ArtifactError, atomic_write_json, check_free_space, read_json
+from replication.utils.progress import ProgressLog
 
 MOMENTS = "moments"
 MOMENTS_FLIP = "moments_flip"
@@ -80,7 +80,7 @@ def encode_to_cache(
     if flips:
         writers[MOMENTS_FLIP] = _MemmapWriter(tmp / f"{MOMENTS_FLIP}.npy", n)
     np_dtype = torch.empty((), dtype=store_dtype).numpy().dtype
-    bar = tqdm(total=n, desc=f"encode {out.name}", unit="img", disable=not progress)
+    bar = ProgressLog(f"encode {out.name}", total=n, unit="img", bar=progress)
     for batch in images.iter_batches(batch_size, flip=False, shuffle=False):
         x = to_model_input(batch["images"]).to(device)
         writers[MOMENTS].add(encode_fn(x).to("cpu", store_dtype).numpy().astype(np_dtype, copy=False))

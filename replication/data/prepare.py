@@ -13,10 +13,12 @@ from typing import Iterator
 
 from replication.data.builtin import make_builtin_labelled
 from replication.data.config import DatasetConfig, Family, FidReference, OnCorrupt, Split
-from replication.data.download import ManualDownloadRequired, download, require_manual, safe_extract, verify_checksum
+from replication.data.download import (DownloadError, ManualDownloadRequired, download, manual_instructions, require_manual,
+                                       safe_extract, verify_checksum)
 from replication.data.prepared import CARD, PreparedImages, SkippedImage, write_alias, write_prepared
 from replication.data.preprocess import PreprocessSpec, crop_rng, preprocess_fn_for_spec, spec_for, spec_hash
-from replication.data.sources import CorruptImageError, RawRecord, decode_record, find_list_file, iter_records
+from replication.data.sources import (CorruptImageError, RawRecord, decode_record, downloads_hint, find_list_file,
+                                      iter_records)
 from replication.utils.io import read_json, sha256_json
 from replication.utils.verify import verify_records
 
@@ -54,7 +56,10 @@ def ensure_raw(cfg: DatasetConfig, progress: bool = True) -> list[dict]:
             records.append(rec)
             continue
         if f.url is not None:
-            info = download(f.url, target, sha256=f.sha256, md5=f.md5, progress=progress)
+            try:
+                info = download(f.url, target, sha256=f.sha256, md5=f.md5, progress=progress)
+            except DownloadError as exc:  # offline, say: name every file of the dataset to place by hand
+                raise DownloadError(f"{exc}\n{downloads_hint(cfg)}") from exc
         else:
             info = {"sha256": verify_checksum(target, f.sha256, "sha256")}
             if f.md5 is not None:
@@ -196,7 +201,7 @@ def _prepare_split(cfg: DatasetConfig, split: Split, train_mode: bool, out_name:
     except FileNotFoundError as exc:
         if not cfg.download.manual_instructions:
             raise
-        raise ManualDownloadRequired(f"{exc}\n\n{cfg.download.manual_instructions.strip()}") from exc
+        raise ManualDownloadRequired(f"{exc}\n\n{manual_instructions(cfg.download.manual_instructions, cfg.root)}") from exc
     card["split_origin"] = split_records.origin
     results = _processed(split_records.records, spec, cfg.num_workers)
     final = write_prepared(_items(results, cfg.on_corrupt), out_dir, card, progress=progress, total=split_records.count)

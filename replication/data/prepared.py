@@ -12,9 +12,9 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from replication.utils.io import ArtifactError, atomic_path, atomic_write_json, atomic_write_text, read_json
+from replication.utils.progress import ProgressLog
 from replication.utils.verify import file_sha256
 
 CARD = "card.json"
@@ -67,7 +67,7 @@ def write_prepared(
         labels: list[Optional[int]] = []
         skipped: list[dict] = []
         hw: Optional[tuple[int, int]] = None
-        bar = tqdm(total=total, desc=f"write {final_dir.name}", unit="img", disable=not progress)
+        bar = ProgressLog(f"prepare {final_dir.name}", total=total, unit="img", bar=progress)
         with atomic_path(out_dir / IMAGES) as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(b"\0" * _HEADER_BYTES)

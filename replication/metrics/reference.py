@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from replication.utils.progress import ProgressLog
 
 from replication.metrics.features import POOL, FeatureExtractor
 from replication.utils.io import ArtifactError, atomic_path, atomic_write_text, check_free_space, sha256_file
@@ -224,7 +224,7 @@ def compute_reference_stats(
     moments = _RunningMoments()
     subset = _BottomK(pr_count)
     seen = 0
-    with tqdm(total=total, disable=not progress, desc=f"reference stats {dataset}/{split}", unit="img") as bar:
+    with ProgressLog(f"reference stats {dataset}/{split}", total=total, unit="img", bar=progress) as bar:
         for batch in image_batches:
             feats = extractor(batch)[POOL].numpy()
             moments.add(feats)

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+from replication.utils.progress import ProgressLog
 
 from replication.metrics.features import FeatureExtractor
 
@@ -79,7 +79,7 @@ def iter_nhwc_shards(paths: Sequence[str | os.PathLike], batch_size: int) -> Ite
 def accumulate(batches: Iterable[torch.Tensor], extractor: FeatureExtractor, png_dir=None,
                progress: bool = False, total: int | None = None) -> dict[str, torch.Tensor]:
     acc = FeatureAccumulator(extractor, png_dir)
-    with tqdm(total=total, disable=not progress, desc="features", unit="img") as bar:
+    with ProgressLog("features", total=total, unit="img", bar=progress) as bar:
         for batch in batches:
             acc.add(batch)
             bar.update(batch.shape[0])

@@ -15,13 +15,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from replication.stages.artifacts import (CURVES_DIR, LDM_EMA, LDM_SNAPSHOTS, SAMPLES_DIR, load_first_stage, load_ldm,
                                           num_label_classes, to_uint8)
 from replication.stages.common import StageContext, StageError, execute, hydra_entry
 from replication.utils.io import atomic_path, atomic_write_json, atomic_write_text, check_free_space, read_json
 from replication.utils.verify import file_sha256
+from replication.utils.progress import ProgressLog
 from replication.utils.rng import StackedRandomGenerator
 
 STAGE = "sample"
@@ -113,27 +113,27 @@ def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int
     h = gen.latent_shape[1] * getattr(gen.first_stage, "downsampling_factor", 1)
     check_free_space(out_dir, num_samples * h * h * 3, "samples")
     made, seconds = 0, 0.0
-    bar = tqdm(total=num_samples, desc=desc, disable=not progress, dynamic_ncols=True)
-    for shard in range(dist.rank, num_shards, dist.world_size):
-        lo, hi = shard * shard_size, min(num_samples, (shard + 1) * shard_size)
-        path = out_dir / SHARD_PATTERN.format(shard)
-        if _shard_intact(path, hi - lo):
-            bar.update(hi - lo)
-            continue
-        parts = []
-        for start in range(lo, hi, batch_size):
-            idx = np.arange(start, min(hi, start + batch_size))
-            t0 = time.perf_counter()
-            parts.append(gen(idx, steps))
-            seconds += time.perf_counter() - t0
-            made += len(idx)
-            bar.update(len(idx))
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.concatenate(parts))
-        # the shard's hash, written after it: a shard is trusted on resume only when the two agree
-        atomic_write_text(_hash_path(path), file_sha256(path) + "\n")
-    bar.close()
+    mine = [(shard, shard * shard_size, min(num_samples, (shard + 1) * shard_size))
+            for shard in range(dist.rank, num_shards, dist.world_size)]
+    todo = [(shard, lo, hi) for shard, lo, hi in mine if not _shard_intact(out_dir / SHARD_PATTERN.format(shard), hi - lo)]
+    kept = sum(hi - lo for _, lo, hi in mine) - sum(hi - lo for _, lo, hi in todo)
+    with ProgressLog(desc, total=sum(hi - lo for _, lo, hi in mine), initial=kept, unit="img",
+                     bar=progress) as bar:
+        for shard, lo, hi in todo:
+            path = out_dir / SHARD_PATTERN.format(shard)
+            parts = []
+            for start in range(lo, hi, batch_size):
+                idx = np.arange(start, min(hi, start + batch_size))
+                t0 = time.perf_counter()
+                parts.append(gen(idx, steps))
+                seconds += time.perf_counter() - t0
+                made += len(idx)
+                bar.update(len(idx))
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, np.concatenate(parts))
+            # the shard's hash, written after it: a shard is trusted on resume only when the two agree
+            atomic_write_text(_hash_path(path), file_sha256(path) + "\n")
     barrier(dist)
     index = {"num_samples": num_samples, "shard_size": shard_size, "num_shards": num_shards, "steps": steps,
              "img_per_s": (made / seconds) if seconds > 0 else None}
