@@ -138,9 +138,11 @@ def _base_card(cfg: DatasetConfig, split: str, spec: PreprocessSpec, train_mode:
 
 
 def config_hash(cfg: DatasetConfig) -> str:
-    """Hash of every config field that can change the prepared pixels or their selection (not num_workers)."""
+    """Hash of every config field that can change the prepared pixels or their selection: not the worker count,
+    and not where the folders are (a moved data or runs folder keeps its prepared splits)."""
     fields = asdict(cfg)
-    fields.pop("num_workers")
+    for location in ("num_workers", "root", "prepared_dir"):
+        fields.pop(location)
     return sha256_json(fields)
 
 

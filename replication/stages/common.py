@@ -139,9 +139,22 @@ def stage_content_id(record: dict[str, Any]) -> str | None:
     return record.get("content_id")
 
 
+# Where things are on this machine, not what they are: left out of fingerprints, so that a runs folder that is moved
+# (or a data folder mounted elsewhere) keeps its finished stages. A different raw dataset placed at the same
+# name is not noticed by a fingerprint either way: `force=[prepare]` re-prepares it.
+LOCATION_KEYS = {"dataset": ("root", "prepared_dir", "num_workers"), "metrics": ("reference_cache_dir",)}
+
+
+def _fingerprint_value(cfg: DictConfig, key: str) -> Any:
+    value = _select(cfg, key)
+    if key in LOCATION_KEYS and isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in LOCATION_KEYS[key]}
+    return value
+
+
 def fingerprint(stage: str, cfg: DictConfig) -> str:
     keys, _ = STAGE_DEPS[stage]
-    parts: dict[str, Any] = {"stage": stage, "config": {k: _select(cfg, k) for k in keys}}
+    parts: dict[str, Any] = {"stage": stage, "config": {k: _fingerprint_value(cfg, k) for k in keys}}
     parts.update(_upstream_ids(stage, cfg))
     return sha256_json(parts)
 
