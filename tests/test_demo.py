@@ -70,8 +70,6 @@ def _demo_overrides(tmp_path: Path) -> list[str]:
     return [f"runs_root={tmp_path / 'runs'}", f"reports_dir={tmp_path / 'reports'}", f"data_root={tmp_path / 'data'}"]
 
 
-@pytest.mark.xfail(strict=True, reason="replication/data/prepare.py does not pass dataset.builtin.style to "
-                   "make_builtin_labelled yet (style=b.style); remove this mark with that change")
 def test_demo_dataset_prepares_the_simple_style(tmp_path):
     """The prepare stage draws the style the dataset config names."""
     from replication.data.config import validate_dataset_cfg

@@ -190,8 +190,9 @@ def _prepare_split(cfg: DatasetConfig, split: Split, train_mode: bool, out_name:
         n, start = (b.num_train, 0) if split is Split.train else (b.num_val, b.num_train)
         if cfg.max_images is not None:
             n = min(n, cfg.max_images)
-        images, labels = make_builtin_labelled(n, cfg.resolution, b.seed, start=start)
-        card["split_origin"] = {"kind": "builtin", "rule": f"images {start}..{start + n - 1} of seed {b.seed}", "listed": n}
+        images, labels = make_builtin_labelled(n, cfg.resolution, b.seed, start=start, style=b.style)
+        card["split_origin"] = {"kind": "builtin", "rule": f"images {start}..{start + n - 1} of seed {b.seed}, style {b.style}",
+                                "listed": n}
         if b.labels:
             card["split_origin"]["labels"] = "kind of the first shape: 0 disc, 1 square, 2 ring"
         items = ((f"{start + i:06d}", images[i], int(labels[i]) if b.labels else None) for i in range(n))

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
+from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, describe_kept, load_resumable_state, rng_state, save_state,
                                               set_rng_state)
 from replication.training.ldm_trainer import DataOrder
 from replication.training.loss_reader import DeferredLossReader, StepLosses
@@ -104,8 +104,8 @@ def train_autoencoder_loop(
             loss = values.pop(_LOSS_G)
             if not math.isfinite(loss):
                 curves.close()  # the curves up to the last good step stay readable
-                raise TrainingDiverged(f"autoencoder loss is {loss} at step {read.step}; last good checkpoint kept in "
-                                       f"{state_dir}")
+                raise TrainingDiverged(f"autoencoder loss is {loss} at step {read.step}; stopped, nothing of this step "
+                                       f"written. {describe_kept(state_dir)}")
             last = loss
             if read.step % log_every == 0 or read.step == 1:
                 logs = {**values, **read.meta["host_logs"]}

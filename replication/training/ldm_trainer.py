@@ -19,7 +19,7 @@ import torch
 
 from replication.diffusion.objective import diffusion_loss, sample_timesteps
 from replication.diffusion.schedule import Schedule
-from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, load_resumable_state, rng_state, save_state,
+from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, describe_kept, load_resumable_state, rng_state, save_state,
                                               set_rng_state)
 from replication.training.distributed import DistInfo
 from replication.training.loss_reader import DeferredLossReader, StepLosses
@@ -233,8 +233,8 @@ def train_loop(
                 bad = next(v for v in values if not math.isfinite(v))
                 curves.close()  # the curves up to the last good step stay readable
                 raise TrainingDiverged(
-                    f"loss is {bad} at step {read.step}; stopped. The last good full-state checkpoint in {state_dir} "
-                    "is untouched: lower the learning rate or check the data, then rerun to resume.")
+                    f"loss is {bad} at step {read.step}; stopped, nothing of this step written. {describe_kept(state_dir)}. "
+                    "Lower the learning rate or check the data; a rerun with the settings of a kept checkpoint resumes it.")
             last_loss = loss_value = sum(values) / len(values)
             if dist.is_main and (read.step % settings.log_every == 0 or read.step == 1):
                 stats(event="train", step=read.step, loss=loss_value, **read.meta)
