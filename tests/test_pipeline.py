@@ -45,6 +45,10 @@ def test_smoke_run_leaves_grid_metrics_table_and_figure(smoke_run):
         assert im.size[0] >= 64 and im.size[1] >= 64
     figures = list((tmp / "reports" / "figures").glob("*.png"))
     assert len(figures) >= 2
+    train_grid = tmp / "reports" / "figures" / "smoke_train_images.png"  # what the samples should resemble
+    with Image.open(train_grid) as im, Image.open(grid) as samples:
+        assert im.size == samples.size
+    assert "(figures/smoke_samples.png)" in table and "(figures/smoke_train_images.png)" in table
 
 
 def test_manifest_records_commit_versions_device_seeds_and_input_hashes(smoke_run):

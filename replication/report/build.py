@@ -47,7 +47,9 @@ FIG_FID_VS_THROUGHPUT = "fid_vs_throughput"
 FIG_FID_VS_TRAIN_STEPS = "fid_vs_train_steps"
 FIG_TRAIN_LOSS = "train_loss"
 FIG_SAMPLES = "samples"
-EXPERIMENT_FIGURES = (FIG_FID_VS_DDIM_STEPS, FIG_FID_VS_THROUGHPUT, FIG_FID_VS_TRAIN_STEPS, FIG_TRAIN_LOSS, FIG_SAMPLES)
+FIG_TRAIN_IMAGES = "train_images"  # training images beside the samples, drawn by the report stage too
+EXPERIMENT_FIGURES = (FIG_FID_VS_DDIM_STEPS, FIG_FID_VS_THROUGHPUT, FIG_FID_VS_TRAIN_STEPS, FIG_TRAIN_LOSS, FIG_SAMPLES,
+                      FIG_TRAIN_IMAGES)
 PLOT_FID_VS_STEPS = "fid_vs_steps"
 PLOT_FID_VS_TRAIN_STEPS = "fid_vs_train_steps"
 PLOT_TRAIN_LOSS = "train_loss"
@@ -69,7 +71,7 @@ def plot_name(experiment: str, plot: str) -> str:
 def experiment_files(experiment: str, with_grid: bool = True) -> list[str]:
     """Paths (relative to a reports folder) of every file the report of `experiment` owns; `with_grid=False`
     leaves out the sample grid (drawn by the report stage itself)."""
-    figs = [f for f in EXPERIMENT_FIGURES if with_grid or f != FIG_SAMPLES]
+    figs = [f for f in EXPERIMENT_FIGURES if with_grid or f not in (FIG_SAMPLES, FIG_TRAIN_IMAGES)]
     return ([f"{experiment}.md"] + [f"{FIGURES_DIR}/{figure_name(experiment, f)}" for f in figs]
             + [f"{PLOTS_DIR}/{plot_name(experiment, p)}" for p in EXPERIMENT_PLOTS]
             + [f"{METRICS_COPIES_DIR}/{experiment}/{m}" for m in (S.METRICS_FILE, S.RECON_METRICS_FILE)])
@@ -204,6 +206,9 @@ def _experiment_figures(ec: ExperimentComparison, paper: PaperResults, w: _Write
                 raise ValueError(f"{samples_dir}: {exc}") from exc
         elif grid_images == 0 and grid.is_file():  # the report stage draws the grid itself
             figs["samples"] = f"{FIGURES_DIR}/{grid.name}"
+        train_grid = w.fig(figure_name(exp, FIG_TRAIN_IMAGES))
+        if grid_images == 0 and train_grid.is_file():  # ... and the training images to compare them with
+            figs["training images"] = f"{FIGURES_DIR}/{train_grid.name}"
     return figs
 
 
