@@ -97,9 +97,16 @@ def test_verify_command_names_a_damaged_file(clean, tmp_path):
     with open(weights, "r+b") as fh:
         fh.seek(weights.stat().st_size - 100)
         fh.write(b"\x01" * 8)
+    shard = tmp / "runs" / "smoke" / "sample" / "samples" / "shard_000000.npy"
+    images = tmp / "runs" / "prepared" / "smoke" / "train" / "images.npy"
+    for truncated in (shard, images):
+        with open(truncated, "r+b") as fh:
+            fh.truncate(truncated.stat().st_size - 1000)
     proc = subprocess.run([sys.executable, "-m", "replication.verify", str(tmp / "runs" / "smoke")], env=env(),
                           capture_output=True, text=True)
     assert proc.returncode == 1 and str(weights) in proc.stdout and "content differs" in proc.stdout, proc.stdout
+    for truncated in (shard, images):
+        assert f"{truncated}: " in proc.stdout and "truncated or replaced" in proc.stdout, proc.stdout
     assert "train_autoencoder" in proc.stdout and "ok" in proc.stdout
 
 

@@ -143,10 +143,12 @@ def test_a_diverging_training_keeps_the_good_checkpoint_and_says_where(prepared,
     kept = [d for d in (train_dir / "state.stale").iterdir() if (d / next(iter(before))).exists()]
     assert len(kept) == 1 and str(kept[0]) in proc.stderr, proc.stderr[-2000:]  # the message names where it is
     assert {p.name: p.read_bytes() for p in kept[0].iterdir()} == before
-    again = subprocess.run(_train_cmd(tmp_path), env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    # the original settings, trained 5 steps further: they continue from the kept checkpoint, not from step 0
+    again = subprocess.run(_train_cmd(tmp_path) + ["trainer.steps=65"], env=env(), cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     result = json.loads((train_dir / "done.json").read_text())["result"]
-    assert result["resumed_from"] == result["steps"] == 60  # the kept checkpoint, not a fresh start
+    assert result["resumed_from"] == 60 and result["steps"] == 65, result
 
 
 def test_mismatched_checkpoint_names_the_tensors(prepared, tmp_path):
@@ -166,6 +168,11 @@ def test_mismatched_checkpoint_names_the_tensors(prepared, tmp_path):
     weight = state["model"]["input_blocks.0.0.weight"]
     state["model"]["input_blocks.0.0.weight"] = torch.zeros(weight.shape[0] * 2, *weight.shape[1:])
     torch.save(state, latest)
+    # a well-formed checkpoint of another model definition: its recorded hash is its own (a file changed without
+    # one is refused as damaged before its tensors are looked at)
+    from replication.utils.io import sha256_file
+
+    latest.with_name(latest.name + ".sha256").write_text(sha256_file(latest) + "\n")
     proc = subprocess.run(_train_cmd(tmp_path)[:-len(TRAIN)] + [*TRAIN[1:], "trainer.steps=10"],
                           env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
