@@ -1,4 +1,4 @@
-# Benchmark of issue 7: how fast this code trains and samples the paper's LDMs, measured side by side against an
+# Benchmark: how fast this code trains and samples the paper's LDMs, measured side by side against an
 # eager fp32 baseline of the same networks in the same run (speed-ups are ratios, never cross-run comparisons).
 """Throughput benchmark for one experiment's shapes.
 
@@ -53,9 +53,9 @@ from replication.utils.io import atomic_write_json, atomic_write_text, read_json
 
 ROWS = ("train", "sample", "decode", "encode", "features")
 SCHEMA_VERSION = 1
-# Paper Tab. 1 / issue 7: sampling throughput is quoted for 200 DDIM steps.
+# Paper Tab. 1: sampling throughput is quoted for 200 DDIM steps.
 SAMPLE_QUOTE_STEPS = 200
-# Issue 7: on either card, training must run at least this many times the eager fp32 baseline of the same run.
+# On either card, training must run at least this many times the eager fp32 baseline of the same run.
 MIN_TRAIN_SPEEDUP = 4.0
 TARGET_CARD = "H200"
 # A path whose repeated timings span more than this fraction of their median ((max - min) / median) is flagged noisy.
@@ -520,7 +520,7 @@ def noise_note(baseline: dict[str, Any], fast: dict[str, Any]) -> Optional[str]:
 def verdict(experiment: str, row: str, fast: dict[str, Any], speedup: Optional[float], device: str,
             device_type: str = "cuda") -> str:
     """'met' / 'missed' per check: the 4x training ratio on any GPU, the H200 targets on an H200 only.
-    The CPU runs tiny shapes to test the benchmark itself; issue 7 sets no CPU target."""
+    The CPU runs tiny shapes to test the benchmark itself; there is no CPU target."""
     checks = []
     if device_type != "cuda":
         return "no target on the CPU"
@@ -814,7 +814,7 @@ def _profile_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def target_summary(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 7's four target rows against the fastest fast path measured for each across `reports` (GPU runs only),
+    """The four target rows against the fastest fast path measured for each across `reports` (GPU runs only),
     with the eager fp32 baseline of that same run (speed-ups are never taken across runs). A target row that no
     run measured is listed as not measured."""
     summary = []
@@ -841,7 +841,7 @@ def target_summary(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _summary_lines(summary: Sequence[dict[str, Any]]) -> list[str]:
-    lines = [f"## Issue 7's targets (one {TARGET_CARD}, paper shapes): the fastest measured fast path per row", "",
+    lines = [f"## Targets (one {TARGET_CARD}, paper shapes): the fastest measured fast path per row", "",
              "| experiment | row | original code | target | eager fp32 img/s | fast img/s | speed-up (same run) | MFU "
              "| peak GiB | fast levers | run | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
@@ -861,7 +861,7 @@ def _summary_lines(summary: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(reports: Sequence[dict[str, Any]]) -> str:
-    lines = ["# Throughput benchmark (issue 7)", "", INTRO, ""]
+    lines = ["# Throughput benchmark", "", INTRO, ""]
     if len(reports) > 1 and any(rep["device"].get("type") == "cuda" for rep in reports):
         lines += _summary_lines(target_summary(reports))
     for rep in reports:

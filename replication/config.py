@@ -75,7 +75,7 @@ class TrainerConfig:
     fused_adam: bool = False
     gradient_checkpointing: bool = False
     use_latent_cache: bool = True  # train on cached moments instead of encoding every batch
-    pin_memory: bool = False  # page-locked, non-blocking input copies (CUDA only; issue 7)
+    pin_memory: bool = False  # page-locked, non-blocking input copies (CUDA only)
     eval_every: int = 0  # >0: FID-vs-train-steps curve points (Fig. 6) every this many steps
     eval_num_samples: int = 0
     source: str = ""
@@ -125,7 +125,7 @@ class ConditioningConfig:
 
 @dataclass
 class SamplingSpeedConfig:
-    """Speed levers of the sample stage (issue 7), applied on CUDA only. channels_last and compile compute the
+    """Speed levers of the sample stage, applied on CUDA only. channels_last and compile compute the
     same function; bf16 moves samples by about 1e-2 relative, so it stays off unless asked for."""
 
     precision: Precision = Precision.fp32

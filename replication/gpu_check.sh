@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's one prepared GPU check: `python -m replication.bench` at the paper's shapes on one GPU, the eager fp32
+# The one prepared GPU check: `python -m replication.bench` at the paper's shapes on one GPU, the eager fp32
 # baseline and a fast path side by side in the same process, one benchmark process per plan entry:
 #   lsun_churches_ldm8  (Table 1, LDM-8 KL, U-Net 294,966,916 params)  train batch 96
 #   celebahq_ldm4       (Table 1, LDM-4 VQ, U-Net 274,056,163 params)  train batch 48

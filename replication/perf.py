@@ -1,4 +1,4 @@
-# Speed levers for training and sampling (issue 7) and the tools that measure them: FLOP counting with
+# Speed levers for training and sampling, and the tools that measure them: FLOP counting with
 # torch.utils.flop_counter, a bf16 matrix-multiply peak measured in the same process, timing with warm-up and
 # device synchronisation, and peak memory. The levers compute the same function within stated bounds
 # (tests/test_numerics.py).
@@ -384,9 +384,10 @@ def matmul_peak_tflops(device: torch.device | str, dtype: torch.dtype = torch.bf
                        sizes: Optional[Sequence[int]] = None, seconds: float = 0.25) -> float:
     """Best achieved TFLOP/s of square n x n x n matrix multiplies in `dtype` over `sizes`: the denominator of MFU,
     measured in the same run rather than read from a datasheet. Sizes default to 4096 and 8192 on CUDA (8192
-    saturates H100/H200 tensor cores) and 1024 and 2048 on the CPU."""
+    saturates H100/H200 tensor cores) and 256 and 512 on the CPU (a CPU without native bf16 emulates it at about
+    1 GFLOP/s: one 2048-cube product takes 20 s there, and a CPU 'MFU' is only a sanity figure)."""
     device = torch.device(device)
-    sizes = tuple(sizes) if sizes else ((4096, 8192) if device.type == "cuda" else (1024, 2048))
+    sizes = tuple(sizes) if sizes else ((4096, 8192) if device.type == "cuda" else (256, 512))
     return max(_matmul_tflops(device, dtype, n, seconds) for n in sizes)
 
 

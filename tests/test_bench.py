@@ -149,7 +149,7 @@ def test_target_summary_takes_the_fastest_run_per_target_row_and_merges_merged_f
     assert ">= 30 img/s: missed" in by_key[("lsun_churches_ldm8", "sample")]["verdict"]
     assert by_key[("celebahq_ldm4", "sample")]["measured"] is False
     text = (tmp_path / "all.md").read_text()
-    assert "Issue 7's targets" in text and "not measured" in text and "| 1,400.0 |" in text
+    assert "## Targets (one" in text and "not measured" in text and "| 1,400.0 |" in text
     # CPU runs have no targets: no summary for them
     assert "targets" not in merge_reports([smoke_run / "smoke.json", tmp_path / "c.json"][:1], tmp_path, tag="cpu")
     assert target_summary([cpu]) and not any(e["measured"] for e in target_summary([cpu]))

@@ -45,7 +45,7 @@ def test_plain_download_and_checksum(served, tmp_path):
     assert not (tmp_path / "out" / "blob.bin.part").exists()
 
 
-@pytest.mark.reliability  # issue 6: bad input gives a clear error and damages nothing
+@pytest.mark.reliability  # bad input gives a clear error and damages nothing
 def test_interrupted_download_resumes_in_a_later_call(served, tmp_path):
     dest = tmp_path / "blob.bin"
     with http_server(served, drops=1, drop_after=3000) as (url, state):
@@ -60,7 +60,7 @@ def test_interrupted_download_resumes_in_a_later_call(served, tmp_path):
     assert state["requests"][-1]["range"] == "bytes=3000-"
 
 
-@pytest.mark.reliability  # issue 6: bad input gives a clear error and damages nothing
+@pytest.mark.reliability  # bad input gives a clear error and damages nothing
 def test_interrupted_download_resumes_within_one_call(served, tmp_path):
     dest = tmp_path / "blob.bin"
     with http_server(served, drops=2, drop_after=1000) as (url, state):
@@ -78,7 +78,7 @@ def test_server_ignoring_range_restarts_cleanly(served, tmp_path):
     assert dest.read_bytes() == PAYLOAD
 
 
-@pytest.mark.reliability  # issue 6: bad input gives a clear error and damages nothing
+@pytest.mark.reliability  # bad input gives a clear error and damages nothing
 def test_checksum_mismatch_names_expected_and_actual(served, tmp_path):
     wrong = "0" * 64
     actual = hashlib.sha256(PAYLOAD).hexdigest()
@@ -130,7 +130,7 @@ def test_safe_extract_zip_and_tar(tmp_path):
     assert (tmp_path / "dt" / "x" / "y.txt").read_bytes() == b"abc"
 
 
-@pytest.mark.reliability  # issue 6: bad input gives a clear error and damages nothing
+@pytest.mark.reliability  # bad input gives a clear error and damages nothing
 @pytest.mark.parametrize("member", ["../evil.txt", "a/../../evil.txt", "/abs/evil.txt"])
 def test_zip_path_traversal_refused_and_nothing_written(tmp_path, member):
     z = tmp_path / "bad.zip"
@@ -144,7 +144,7 @@ def test_zip_path_traversal_refused_and_nothing_written(tmp_path, member):
     assert not (tmp_path / "sandbox" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
 
 
-@pytest.mark.reliability  # issue 6: bad input gives a clear error and damages nothing
+@pytest.mark.reliability  # bad input gives a clear error and damages nothing
 def test_zip_symlink_member_refused(tmp_path):
     z = tmp_path / "link.zip"
     with zipfile.ZipFile(z, "w") as zf:
@@ -161,7 +161,7 @@ def test_zip_symlink_member_refused(tmp_path):
     [("file", "../evil.txt", None), ("sym", "link", "../../etc/passwd"), ("sym", "link", "/etc/passwd"),
      ("hard", "hl", "../evil.txt")],
 )
-@pytest.mark.reliability  # issue 6: bad input gives a clear error and damages nothing
+@pytest.mark.reliability  # bad input gives a clear error and damages nothing
 def test_tar_traversal_and_escaping_links_refused(tmp_path, kind, name, linkname):
     t = tmp_path / "bad.tar"
     with tarfile.open(t, "w") as tf:

@@ -96,7 +96,7 @@ def test_lsun_fallback_split_and_missing_list(tmp_path):
     assert tr.card["split_origin"]["kind"] == "fallback"
 
 
-@pytest.mark.reliability  # issue 6: bad input gives a clear error and damages nothing
+@pytest.mark.reliability  # bad input gives a clear error and damages nothing
 def test_lsun_corrupt_value_names_key_and_skip_counts(tmp_path):
     keys, blobs = _lsun_fixture(tmp_path / "raw")
     shutil.rmtree(tmp_path / "raw" / "church_outdoor_train_lmdb")
@@ -173,7 +173,7 @@ def test_ffhq_png_tree_with_md5_metadata(tmp_path):
         prepare_dataset(_ffhq_cfg(tmp_path), "train", progress=False, overwrite=True)
 
 
-@pytest.mark.reliability  # issue 6: bad input gives a clear error and damages nothing
+@pytest.mark.reliability  # bad input gives a clear error and damages nothing
 def test_ffhq_truncated_png_error_and_skip(tmp_path):
     imgs = _ffhq_images()
     root = tmp_path / "raw"
@@ -241,7 +241,7 @@ def test_celebahq_pggan_npy_and_jpg_layouts(tmp_path):
     np.testing.assert_array_equal(jds[0], expected)
 
 
-@pytest.mark.reliability  # issue 6: bad input gives a clear error and damages nothing
+@pytest.mark.reliability  # bad input gives a clear error and damages nothing
 def test_celebahq_corrupt_npy_named(tmp_path):
     root = tmp_path / "raw"
     root.mkdir()

@@ -64,7 +64,7 @@ def test_skipped_items_are_counted(tmp_path):
     assert card["count"] == 2 and card["num_skipped"] == 1 and card["skipped"] == [{"name": "bad.png", "reason": "truncated"}]
 
 
-@pytest.mark.reliability  # issue 6: bad input gives a clear error and damages nothing
+@pytest.mark.reliability  # bad input gives a clear error and damages nothing
 def test_interrupted_write_leaves_no_artifact(tmp_path):
     imgs = _images(4)
 

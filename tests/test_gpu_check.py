@@ -1,4 +1,4 @@
-"""Issue 7's prepared GPU script, rehearsed on the CPU: the one shot a GPU session gets must not fail on its bash
+"""The prepared GPU script, rehearsed on the CPU: the one shot a GPU session gets must not fail on its bash
 (argument handling, per-experiment time limit, merge, copy-out). The rehearsal runs the same script with the smoke
 experiment's shapes and checks the merged table it writes."""
 from __future__ import annotations

@@ -237,8 +237,8 @@ def test_change_one_thing_reuses_the_unchanged_stages(smoke_run):
 
 def test_changing_the_learning_rate_retrains_instead_of_resuming_the_old_model(smoke_run):
     """(Runs last in this module: it changes the shared smoke run.) With the old full-state checkpoint at its final
-    step, a changed trainer.base_lr used to 'resume' straight to the end and hand back the old model. Now the stale
-    checkpoint is set aside and the stage trains from step 0; a changed step count alone still resumes."""
+    step, a changed trainer.base_lr must not 'resume' straight to the end and hand back the old model: the
+    checkpoint of the other settings is set aside and the stage trains from step 0; a changed step count alone still resumes."""
     tmp, _ = smoke_run
     run = tmp / "runs" / "smoke" / "train_ldm"
     old_weights = (run / "ema.safetensors").read_bytes()

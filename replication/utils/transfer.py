@@ -1,4 +1,4 @@
-"""Host-to-device copies of training inputs (issue 7's pinned-memory lever)."""
+"""Host-to-device copies of training inputs (the pinned-memory lever)."""
 from __future__ import annotations
 
 import torch
