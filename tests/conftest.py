@@ -17,6 +17,19 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+# A CPU without native bf16 (no AVX512-BF16 or AMX, e.g. an AVX2-only EPYC) emulates every bf16 kernel at about
+# 1 GFLOP/s: tests that run the bf16 fast path for real (the 200-step bf16 training curve, the benchmark runs and the
+# GPU-check rehearsal) then take minutes each instead of seconds, so on such a CPU they run with `-m slow`.
+def _native_bf16() -> bool:
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+NATIVE_BF16 = _native_bf16()
+slow_without_native_bf16 = pytest.mark.slow if not NATIVE_BF16 else pytest.mark.usefixtures()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -7,6 +7,8 @@ import json
 import math
 
 import pytest
+
+from conftest import slow_without_native_bf16  # the bf16 fast path runs for real here
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,7 @@ def smoke_run(tmp_path_factory):
     return out
 
 
+@slow_without_native_bf16
 def test_smoke_bench_writes_every_field(smoke_run):
     report = json.loads((smoke_run / "smoke.json").read_text())
     assert report["experiment"] == "smoke" and report["device"]["type"] == "cpu" and report["complete"] is True
@@ -90,6 +93,7 @@ def test_smoke_bench_writes_every_field(smoke_run):
     assert 2.5 < ratio <= 3.0
 
 
+@slow_without_native_bf16
 def test_smoke_bench_markdown_table(smoke_run):
     text = (smoke_run / "smoke.md").read_text()
     assert "| row | what | batch | GFLOP/img | eager fp32 img/s | fast img/s | speed-up | fast levers |" in text
@@ -98,6 +102,7 @@ def test_smoke_bench_markdown_table(smoke_run):
     assert "bf16 matmul peak measured" in text and "MFU" in text
 
 
+@slow_without_native_bf16
 def test_merge_writes_one_table_for_several_runs(smoke_run, tmp_path):
     first = json.loads((smoke_run / "smoke.json").read_text())
     second = dict(first, experiment="smoke_copy")
@@ -127,6 +132,7 @@ def _as_gpu_report(report: dict, experiment: str, created: str, rates: dict) -> 
     return rep
 
 
+@slow_without_native_bf16
 def test_target_summary_takes_the_fastest_run_per_target_row_and_merges_merged_files(smoke_run, tmp_path):
     from replication.bench import target_summary
 
@@ -301,6 +307,7 @@ def test_profile_breakdown_says_where_the_time_goes():
         profile_breakdown(lambda: None, "cpu", iters=0)
 
 
+@slow_without_native_bf16
 def test_bench_profile_rows_and_table(tmp_path):
     """--profile N: each measured path of each row carries its breakdown, and the markdown shows it."""
     assert main(["experiment=smoke", "--device", "cpu", "--batch", "2", "--sample-batch", "2", "--steps", "1",
@@ -335,6 +342,7 @@ def test_a_failed_path_is_recorded_not_fatal():
     assert "RuntimeError: inductor failed" in render_markdown([report])
 
 
+@slow_without_native_bf16
 def test_a_run_cut_while_the_fast_path_compiles_keeps_the_rows_baseline(tmp_path):
     """The GPU check cuts each experiment at a time limit, and a cold torch.compile of a paper U-Net can outlast
     it (seen on an H200: over 3 minutes). The baseline measured before the cut must survive in the results:

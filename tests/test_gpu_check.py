@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import slow_without_native_bf16  # the rehearsal runs the bf16 fast path
 import torch
 
 from replication.bench import ROWS
@@ -41,6 +43,7 @@ SMOKE_OVERRIDES = ("trainer.compile=false trainer.precision=fp32 trainer.channel
 PLAN = "smoke:4@train,sample smoke:4@decode,encode,features@channels_last=300"
 
 
+@slow_without_native_bf16
 def test_rehearsal_on_the_cpu_writes_the_merged_table(tmp_path):
     out, copy = tmp_path / "bench", tmp_path / "copied"
     copy.mkdir()

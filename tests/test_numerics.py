@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import slow_without_native_bf16  # the bf16 curve takes ~400 s where bf16 is emulated
 from replication.diffusion.ddim import ddim_loop
 from replication.perf import FastForward, FastPath, make_adamw, nonzero_init_, relative_error
 from replication.stages.artifacts import build_unet
@@ -30,11 +31,6 @@ CURVE_STEPS, CURVE_WINDOW, CURVE_BATCH, CURVE_ITEMS = 200, 20, 16, 64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-# A CPU without native bf16 (no AVX512-BF16 or AMX, e.g. an AVX2-only EPYC) emulates every bf16 kernel: the
-# 200-step bf16 training curve then takes about 400 s instead of seconds, so on such a CPU it runs with `-m slow`.
-NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-slow_without_native_bf16 = pytest.mark.slow if not NATIVE_BF16 else pytest.mark.usefixtures()
 
 
 @pytest.fixture(scope="module")
