@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from replication.utils.io import ArtifactError, read_json
-from replication.utils.verify import verify_records
+from replication.utils.verify import recorded_hash, verify_records
 
 DONE_FILE = "done.json"
 
@@ -24,9 +24,7 @@ def _checkpoints(stage_dir: Path) -> dict[str, dict[str, Any]]:
     """Full-state checkpoints and their recorded hashes (state_XXX.pt.sha256 beside each)."""
     records = {}
     for path in sorted((stage_dir / "state").glob("state_*.pt")) if (stage_dir / "state").is_dir() else []:
-        recorded = path.with_name(path.name + ".sha256")
-        records[str(path)] = {"size": path.stat().st_size,
-                              "sha256": recorded.read_text().strip() if recorded.exists() else "(no recorded hash)"}
+        records[str(path)] = {"size": path.stat().st_size, "sha256": recorded_hash(path) or "(no recorded hash)"}
     return records
 
 

@@ -15,7 +15,8 @@ import torch
 from replication.utils.progress import ProgressLog
 
 from replication.metrics.features import POOL, FeatureExtractor
-from replication.utils.io import ArtifactError, atomic_path, atomic_write_text, check_free_space, sha256_file
+from replication.utils.io import ArtifactError, atomic_path, check_free_space
+from replication.utils.verify import file_sha256, recorded_hash, write_hash_beside
 
 NPZ_FORMAT_VERSION = 1
 _META_KEYS = ("dataset", "split", "preprocessing_hash", "extractor", "num_images", "format_version")
@@ -58,7 +59,7 @@ class ReferenceStats:
                 format_version=np.array(NPZ_FORMAT_VERSION, dtype=np.int64), source_id=np.array(self.source_id),
             )
         # the file's hash, written after it: a cached file that no longer matches is recomputed, never used
-        atomic_write_text(_hash_path(path), sha256_file(path) + "\n")
+        write_hash_beside(path)
         return path
 
     @classmethod
@@ -90,15 +91,11 @@ class ReferenceStats:
         return stats
 
 
-def _hash_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
 def _cached_problem(path: Path, source_id: Optional[str]) -> Optional[str]:
     """Why a cached statistics file must not be used (None: it may). Its recorded hash must match (a file
     imported without one is checked by its container alone) and it must describe the same reference images."""
-    recorded = _hash_path(path)
-    if recorded.exists() and sha256_file(path) != recorded.read_text().strip():
+    recorded = recorded_hash(path)
+    if recorded is not None and file_sha256(path) != recorded:
         return "its content differs from the hash recorded when it was written"
     if source_id:
         try:

@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from replication.stages.artifacts import (CURVES_DIR, LDM_EMA, LDM_SNAPSHOTS, SAMPLES_DIR, load_first_stage, load_ldm,
                                           num_label_classes, to_uint8)
 from replication.stages.common import StageContext, StageError, execute, hydra_entry
-from replication.utils.io import atomic_path, atomic_write_json, atomic_write_text, check_free_space, read_json
-from replication.utils.verify import file_sha256
+from replication.utils.io import atomic_path, atomic_write_json, check_free_space, read_json
+from replication.utils.verify import file_sha256, hash_beside, recorded_hash, write_hash_beside
 from replication.utils.progress import ProgressLog
 from replication.utils.rng import StackedRandomGenerator
 
@@ -133,14 +133,14 @@ def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int
                 with open(tmp, "wb") as fh:
                     np.save(fh, np.concatenate(parts))
             # the shard's hash, written after it: a shard is trusted on resume only when the two agree
-            atomic_write_text(_hash_path(path), file_sha256(path) + "\n")
+            write_hash_beside(path)
     barrier(dist)
     index = {"num_samples": num_samples, "shard_size": shard_size, "num_shards": num_shards, "steps": steps,
              "img_per_s": (made / seconds) if seconds > 0 else None}
     if dist.is_main:
         # exactly the shards of this configuration, with their hashes: readers take these and nothing else
         index["shards"] = [{"file": SHARD_PATTERN.format(s), "count": min(num_samples, (s + 1) * shard_size) - s * shard_size,
-                            "sha256": _hash_path(out_dir / SHARD_PATTERN.format(s)).read_text().strip()}
+                            "sha256": recorded_hash(out_dir / SHARD_PATTERN.format(s))}
                            for s in range(num_shards)]
         old = read_json(out_dir / "index.json") if (out_dir / "index.json").exists() else {}
         if made == 0 and old.get("shards") == index["shards"]:
@@ -156,20 +156,16 @@ def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int
     return {**index, "made_now": made}
 
 
-def _hash_path(shard: Path) -> Path:
-    return shard.with_name(shard.name + ".sha256")
-
-
 def _shard_intact(path: Path, rows: int) -> bool:
     """A shard made earlier may be kept only if it has the expected rows and the hash written beside it; any
     other file there (truncated, overwritten, made without a hash) is named, removed and made again."""
     if not path.exists():
         return False
-    recorded = _hash_path(path)
+    recorded = recorded_hash(path)
     problem = None
-    if not recorded.exists():
+    if recorded is None:
         problem = "no recorded hash"
-    elif file_sha256(path) != recorded.read_text().strip():
+    elif file_sha256(path) != recorded:
         problem = "content differs from its recorded hash"
     else:
         try:
@@ -181,7 +177,7 @@ def _shard_intact(path: Path, rows: int) -> bool:
         return True
     log.warning("sample shard %s is not usable (%s): made again", path, problem)
     path.unlink()
-    recorded.unlink(missing_ok=True)
+    hash_beside(path).unlink(missing_ok=True)
     return False
 
 
@@ -214,7 +210,7 @@ def _forget_other_samples(out_dir: Path, key: str) -> None:
                     "sampling again", out_dir, len(shards), str(old)[:12], key[:12])
         for f in shards:
             f.unlink()
-            _hash_path(f).unlink(missing_ok=True)
+            hash_beside(f).unlink(missing_ok=True)
         (out_dir / "index.json").unlink(missing_ok=True)
     if old != key:
         atomic_write_json(key_file, {"key": key})

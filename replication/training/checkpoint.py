@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from replication.utils.io import ArtifactError, atomic_write_text, check_free_space, torch_load_safe, torch_save_atomic
-from replication.utils.verify import file_sha256
+from replication.utils.io import ArtifactError, check_free_space, torch_load_safe, torch_save_atomic
+from replication.utils.verify import file_sha256, hash_beside, recorded_hash, write_hash_beside
 from replication.utils.state import check_fits
 
 STATE_PATTERN = re.compile(r"state_(\d{9})\.pt$")
@@ -69,10 +69,6 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-def _hash_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
 def save_state(directory: Path, step: int, state: dict[str, Any], keep_last: int = 2) -> Path:
     """Write the full state of `step` and, beside it, its SHA-256 (`state_XXX.pt.sha256`, written after the state
     itself): a loader trusts a state only when the two agree. Older states beyond `keep_last` are removed."""
@@ -80,20 +76,19 @@ def save_state(directory: Path, step: int, state: dict[str, Any], keep_last: int
     # fail before writing rather than leave a truncated file (the previous checkpoints stay untouched)
     check_free_space(directory, int(_nbytes(state) * 1.1) + (1 << 20), what=f"full-state checkpoint of step {step}")
     torch_save_atomic(path, state)
-    atomic_write_text(_hash_path(path), file_sha256(path) + "\n")
+    write_hash_beside(path)
     for _, old in list_states(directory)[:-max(1, keep_last)]:
         old.unlink(missing_ok=True)
-        _hash_path(old).unlink(missing_ok=True)
+        hash_beside(old).unlink(missing_ok=True)
     return path
 
 
 def _checked_load(path: Path) -> dict[str, Any]:
     """A full state whose bytes equal the hash written beside it (a flipped byte in an optimiser moment loads
     fine and trains on silently, so the hash, not the unpickler, decides)."""
-    recorded = _hash_path(path)
-    if not recorded.exists():
-        raise ArtifactError(f"{path} has no recorded hash ({recorded.name}): it was not finished by this harness")
-    expected = recorded.read_text().strip()
+    expected = recorded_hash(path)
+    if expected is None:
+        raise ArtifactError(f"{path} has no recorded hash ({hash_beside(path).name}): it was not finished by this harness")
     actual = file_sha256(path)
     if actual != expected:
         raise ArtifactError(f"{path} does not match its recorded hash (sha256 {actual[:12]}..., recorded "

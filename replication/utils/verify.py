@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from replication.utils.io import sha256_json
+from replication.utils.io import atomic_write_text, sha256_json
 
 CHUNK = 1 << 22
 # files a stage folder holds beside its outputs that are not themselves artifacts (rewritten on every run)
@@ -42,6 +42,29 @@ def file_sha256(path: str | os.PathLike, use_known: bool = True) -> str:
     digest = h.hexdigest()
     _known[stamp] = digest
     return digest
+
+
+HASH_SUFFIX = ".sha256"
+
+
+def hash_beside(path: str | os.PathLike) -> Path:
+    """Where a file's own recorded hash lives: `<name>.sha256` beside it (checkpoints, sample shards, FID
+    reference statistics), written after the file, so that the two agreeing means the file is complete and intact."""
+    path = Path(path)
+    return path.with_name(path.name + HASH_SUFFIX)
+
+
+def write_hash_beside(path: str | os.PathLike) -> str:
+    """Hash a finished file and write its hash beside it; returns the hash."""
+    digest = file_sha256(path)
+    atomic_write_text(hash_beside(path), digest + "\n")
+    return digest
+
+
+def recorded_hash(path: str | os.PathLike) -> str | None:
+    """The hash written beside `path`, or None when there is none."""
+    recorded = hash_beside(path)
+    return recorded.read_text().strip() if recorded.exists() else None
 
 
 def remember(path: str | os.PathLike, digest: str) -> None:
