@@ -17,7 +17,7 @@ from replication.data.preprocess import (
     preprocess_for,
     preprocess_imagenet,
     preprocess_lsun,
-    resize_cv2_bilinear,
+    resize_cv2,
     smallest_side_size,
     spec_for,
     spec_hash,
@@ -61,14 +61,14 @@ def test_cv2_bilinear_exact_4x_downsample_by_hand():
     a = arr.astype(np.int64)
     s = a[1::4, 1::4] + a[1::4, 2::4] + a[2::4, 1::4] + a[2::4, 2::4]
     expected = (s + 2) // 4
-    np.testing.assert_array_equal(resize_cv2_bilinear(arr, 8, 8), expected)
+    np.testing.assert_array_equal(resize_cv2(arr, 8, 8), expected)
 
 
 def test_cv2_bilinear_2x_upsample_by_hand():
     # rows constant: only the horizontal taps matter. fx = d/2 - 1/4; border pixels clamp.
     row = np.array([0, 40, 100, 255, 7], dtype=np.int64)
     arr = np.repeat(np.repeat(row[None, :, None], 3, axis=2), 4, axis=0).astype(np.uint8)
-    out = resize_cv2_bilinear(arr, 4, 10)[0, :, 0].astype(np.int64)
+    out = resize_cv2(arr, 4, 10)[0, :, 0].astype(np.int64)
     exp = [row[0]]
     for d in range(1, 9):
         fx = d / 2 - 0.25
@@ -82,7 +82,7 @@ def test_cv2_bilinear_2x_upsample_by_hand():
 @pytest.mark.parametrize("shape,out", [((37, 53), (256, 366)), ((300, 200), (96, 64)), ((17, 17), (40, 40))])
 def test_cv2_bilinear_matches_float_bilinear_within_one_level(shape, out):
     arr = _img(*shape, seed=2)
-    ours = resize_cv2_bilinear(arr, *out).astype(np.float64)
+    ours = resize_cv2(arr, *out).astype(np.float64)
     ref = _torch_bilinear(arr, *out)
     # fixed-point weights (11 bits) vs exact float: at most one grey level apart
     assert np.max(np.abs(ours - ref)) <= 1.0
@@ -114,7 +114,7 @@ def test_faces_non_square_center_crop():
 def test_imagenet_eval_center_and_train_random_crop():
     arr = _img(20, 30, seed=5)
     size = 10  # resized to 10 x 15
-    full = resize_cv2_bilinear(arr, 10, 15)
+    full = resize_cv2(arr, 10, 15)
     ev = preprocess_imagenet(Image.fromarray(arr), train=False, rng=None, size=size)
     np.testing.assert_array_equal(ev, full[:, 2:12])  # (15 - 10) // 2 = 2
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ from enum import Enum
 from functools import partial
 from typing import Callable, Optional
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -15,11 +16,8 @@ from replication.data.config import DatasetConfig, Family, Interpolation
 from replication.utils.io import sha256_json
 
 # Bump when the code of a preprocessing function changes its output: it is part of the hashed spec.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
-# cv2's fixed-point resize for 8-bit images: INTER_RESIZE_COEF_BITS = 11 (opencv imgproc/src/resize.cpp).
-_CV2_COEF_BITS = 11
-_CV2_COEF_SCALE = 1 << _CV2_COEF_BITS
 
 
 class Crop(str, Enum):
@@ -80,44 +78,16 @@ def crop_box(h: int, w: int, size: int, crop: Crop, rng: Optional[np.random.Gene
     return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
 
 
-def _cv2_linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and fixed-point weights of cv2.resize INTER_LINEAR along one axis: half-pixel centres
-    fx = (d + 0.5) * src/dst - 0.5 in float32, clamped at the borders, weights rounded to 11 bits."""
-    scale = np.float64(src) / np.float64(dst)
-    fx = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
-    sx = np.floor(fx).astype(np.int64)
-    frac = (fx - sx.astype(np.float32)).astype(np.float32)
-    low = sx < 0
-    frac[low], sx[low] = 0.0, 0
-    high = sx >= src - 1
-    frac[high], sx[high] = 0.0, src - 1
-    sx1 = np.minimum(sx + 1, src - 1)
-    w0 = np.rint((1.0 - frac) * _CV2_COEF_SCALE).astype(np.int64)
-    w1 = np.rint(frac * _CV2_COEF_SCALE).astype(np.int64)
-    return sx, sx1, w0, w1
-
-
-def resize_cv2_bilinear(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """cv2.resize(arr, (out_w, out_h), interpolation=INTER_LINEAR) for uint8 HWC, re-implemented in numpy
-    (OpenCV is not a dependency). No antialiasing, as cv2. Follows the scalar fixed-point path
-    (horizontal pass with 11-bit weights, vertical pass rounding at 22 bits); cv2's SIMD path rounds the
-    intermediate differently and can differ by 1 grey level on some pixels."""
+def resize_cv2(arr: np.ndarray, out_h: int, out_w: int, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """cv2.resize(arr, (out_w, out_h), interpolation) on uint8 HWC: the call the original loaders make through
+    albumentations, so the stored pixels are the release's to the last grey level (no antialiasing for
+    INTER_LINEAR / INTER_CUBIC, as cv2)."""
     if arr.dtype != np.uint8 or arr.ndim != 3:
         raise ValueError(f"expected uint8 HWC, got {arr.dtype} with shape {arr.shape}")
-    h, w = arr.shape[:2]
-    if (h, w) == (out_h, out_w):
+    if arr.shape[:2] == (out_h, out_w):
         return arr.copy()
-    ys0, ys1, wy0, wy1 = _cv2_linear_taps(h, out_h)
-    xs0, xs1, wx0, wx1 = _cv2_linear_taps(w, out_w)
-    src = arr.astype(np.int64)
-    # rows needed only once each: horizontal pass on the rows the vertical pass reads
-    rows = np.unique(np.concatenate([ys0, ys1]))
-    sub = src[rows]
-    horiz = sub[:, xs0] * wx0[None, :, None] + sub[:, xs1] * wx1[None, :, None]
-    pos = np.searchsorted(rows, ys0), np.searchsorted(rows, ys1)
-    out = horiz[pos[0]] * wy0[:, None, None] + horiz[pos[1]] * wy1[:, None, None]
-    out = (out + (1 << (2 * _CV2_COEF_BITS - 1))) >> (2 * _CV2_COEF_BITS)
-    return np.clip(out, 0, 255).astype(np.uint8)
+    out = cv2.resize(np.ascontiguousarray(arr), (out_w, out_h), interpolation=interpolation)
+    return out if out.ndim == 3 else out[..., None]  # cv2 drops a single channel axis
 
 
 def _resize_pil(arr: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
@@ -140,7 +110,7 @@ def _smallest_side_then_crop(img: Image.Image, size: int, crop: Crop, rng: Optio
     arr = to_rgb_array(img)
     h, w = arr.shape[:2]
     new_h, new_w = smallest_side_size(h, w, size)
-    arr = resize_cv2_bilinear(arr, new_h, new_w)
+    arr = resize_cv2(arr, new_h, new_w)
     top, left = crop_box(new_h, new_w, size, crop, rng)
     return np.ascontiguousarray(arr[top : top + size, left : left + size])
 
