@@ -94,4 +94,6 @@ class ClassConditionalUNet(nn.Module):
 def ema_scope(model: nn.Module) -> Optional[str]:
     """Parameter-name prefix the EMA averages: the U-Net alone, as the release (`LitEma(self.model)` in
     ldm/models/diffusion/ddpm.py covers the DiffusionWrapper, not `cond_stage_model`). None = every parameter."""
-    return "diffusion_model." if isinstance(model, ClassConditionalUNet) else None
+    # every conditional wrapper (class, concat) holds the U-Net as `diffusion_model` beside `cond_stage_model`
+    wrapped = hasattr(model, "diffusion_model") and hasattr(model, "cond_stage_model")
+    return "diffusion_model." if wrapped else None
