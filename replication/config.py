@@ -3,18 +3,19 @@ key fails with its name instead of being silently ignored (STYLE.md habit 9)."""
 from __future__ import annotations
 
 import enum
-import importlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from replication.utils.schema import check_finite, check_range, merge_into_schema
-
-
-class ConfigError(ValueError):
-    """A configuration is invalid; the message names the key and, where known, the allowed values."""
+from replication.data.config import validate_dataset_cfg
+from replication.diffusion.config import validate_diffusion_cfg, validate_sampler_cfg
+from replication.metrics.config import validate_metrics_cfg
+from replication.models.autoencoder_config import validate_autoencoder_cfg
+from replication.models.unet_config import validate_unet_cfg
+from replication.utils.paths import PLAIN_NAME_RULE, is_plain_name
+from replication.utils.schema import ConfigError, check_finite, check_range, merge_into_schema
 
 
 class ExperimentKind(str, enum.Enum):
@@ -169,19 +170,6 @@ class RootConfig:
     choices: dict[str, str] = field(default_factory=dict)  # config-group choices, recorded for the manifest
 
 
-GROUPS = ("dataset", "autoencoder", "unet", "diffusion", "sampler", "metrics", "trainer")
-
-# group -> "module:function" validating that group against its schema and returning the typed object
-GROUP_VALIDATORS: dict[str, str] = {
-    "dataset": "replication.data.config:validate_dataset_cfg",
-    "autoencoder": "replication.models.autoencoder_config:validate_autoencoder_cfg",
-    "unet": "replication.models.unet_config:validate_unet_cfg",
-    "diffusion": "replication.diffusion.config:validate_diffusion_cfg",
-    "sampler": "replication.diffusion.config:validate_sampler_cfg",
-    "metrics": "replication.metrics.config:validate_metrics_cfg",
-    "trainer": "replication.config:validate_trainer_cfg",
-}
-
 
 def validate_trainer_cfg(cfg: Any) -> TrainerConfig:
     trainer = merge_into_schema(TrainerConfig, cfg, "trainer", ConfigError)
@@ -208,10 +196,25 @@ def check_adam_betas(betas: list[float], key: str, error_cls: type[Exception] = 
         check_range(beta, f"{key}[{i}]", error_cls, low=0.0, high=1.0, high_open=True)
 
 
+GROUPS = ("dataset", "autoencoder", "unet", "diffusion", "sampler", "metrics", "trainer")
+
+# group -> the function validating that group against its schema and returning the typed object
+GROUP_VALIDATORS: dict[str, Callable[[Any], Any]] = {
+    "dataset": validate_dataset_cfg,
+    "autoencoder": validate_autoencoder_cfg,
+    "unet": validate_unet_cfg,
+    "diffusion": validate_diffusion_cfg,
+    "sampler": validate_sampler_cfg,
+    "metrics": validate_metrics_cfg,
+    "trainer": validate_trainer_cfg,
+}
+# the groups whose schema lives in this module: their messages name the full key (trainer.steps); the message of
+# any other group's validator is prefixed with the group it came from
+ROOT_SCHEMA_GROUPS = frozenset({"trainer"})
+
+
 def _check_root(root: RootConfig) -> None:
     """Names that become folders are plain identifiers; counts and sizes are in range."""
-    from replication.utils.paths import PLAIN_NAME_RULE, is_plain_name  # paths.py imports ConfigError from here
-
     for key in ("name", "reuse_from"):
         value = getattr(root, key)
         if value is not None and not is_plain_name(value):
@@ -231,11 +234,6 @@ def _check_root(root: RootConfig) -> None:
     for key, low, high in (("eta", 0.0, 1.0), ("guidance_scale", 0.0, None), ("train_lr", 0.0, None)):
         if getattr(proto, key) is not None:
             check_range(getattr(proto, key), f"paper_protocol.{key}", ConfigError, low=low, high=high)
-
-
-def _resolve(spec: str) -> Callable[[Any], Any]:
-    module, func = spec.split(":")
-    return getattr(importlib.import_module(module), func)
 
 
 def validate_config(cfg: DictConfig) -> dict[str, Any]:
@@ -266,10 +264,10 @@ def validate_config(cfg: DictConfig) -> dict[str, Any]:
     check_compile_mode(typed["root"].sampling_speed.compile_mode, "sampling_speed.compile_mode")
     for group in GROUPS:
         try:
-            typed[group] = _resolve(GROUP_VALIDATORS[group])(cfg[group])
-        except ConfigError:
-            raise
+            typed[group] = GROUP_VALIDATORS[group](cfg[group])
         except (ValueError, KeyError, TypeError, OmegaConfBaseException) as exc:
+            if isinstance(exc, ConfigError) and group in ROOT_SCHEMA_GROUPS:
+                raise
             raise ConfigError(f"invalid config in group '{group}': {exc}") from exc
         # every section, whichever validator it has, holds finite floats only
         check_finite(typed[group], group, ConfigError)

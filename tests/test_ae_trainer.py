@@ -12,7 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from replication.models.autoencoder import build_autoencoder
-from replication.models.autoencoder_config import AutoencoderConfigError, validate_autoencoder_cfg
+from replication.models.autoencoder_config import validate_autoencoder_cfg
+from replication.utils.schema import ConfigError
 from replication.models.losses import AutoencoderLoss
 from replication.training.ae_trainer import train_autoencoder_loop
 from replication.training.ldm_trainer import DataOrder
@@ -126,7 +127,7 @@ def test_logged_loss_is_the_micro_batch_mean_and_bad_values_are_refused(tmp_path
         _train(tmp_path / "bad", *_build(cfg), steps=1, accumulate=0)
     raw = OmegaConf.load(ROOT / "experiments/autoencoder/smoke_vq.yaml")
     raw.train.accumulate_grad_batches = 0
-    with pytest.raises(AutoencoderConfigError, match="accumulate_grad_batches must be >= 1"):
+    with pytest.raises(ConfigError, match="accumulate_grad_batches must be >= 1"):
         validate_autoencoder_cfg(raw)
 
 

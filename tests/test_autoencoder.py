@@ -23,7 +23,6 @@ from replication.models.autoencoder import (
 )
 from replication.models.autoencoder_config import (
     AEKind,
-    AutoencoderConfigError,
     downsampling_factor,
     learning_rate,
     needs_training,
@@ -31,6 +30,7 @@ from replication.models.autoencoder_config import (
 )
 from replication.models.distributions import LOGVAR_MAX, DiagonalGaussian
 from replication.models.quantize import VectorQuantizer
+from replication.utils.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 AE_DIR = ROOT / "experiments" / "autoencoder"
@@ -333,22 +333,22 @@ def test_unknown_key_is_rejected_by_name(path_in_cfg, key):
     for part in path_in_cfg[:-1]:
         node = node[part]
     node[path_in_cfg[-1]] = 1
-    with pytest.raises(AutoencoderConfigError, match=f"unknown key '{key}'"):
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
         validate_autoencoder_cfg(raw)
 
 
 def test_missing_and_inconsistent_configs_are_rejected():
     raw = OmegaConf.to_container(OmegaConf.load(AE_DIR / "vq_f8.yaml"))
     del raw["ddconfig"]["z_channels"]
-    with pytest.raises(AutoencoderConfigError, match="ddconfig.z_channels"):
+    with pytest.raises(ConfigError, match="ddconfig.z_channels"):
         validate_autoencoder_cfg(raw)
     raw = OmegaConf.to_container(OmegaConf.load(AE_DIR / "vq_f8.yaml"))
     raw["n_embed"] = None
-    with pytest.raises(AutoencoderConfigError, match="n_embed"):
+    with pytest.raises(ConfigError, match="n_embed"):
         validate_autoencoder_cfg(raw)
     raw = OmegaConf.to_container(OmegaConf.load(AE_DIR / "kl_f8.yaml"))
     raw["kind"] = "kll"
-    with pytest.raises(AutoencoderConfigError, match="kind"):
+    with pytest.raises(ConfigError, match="kind"):
         validate_autoencoder_cfg(raw)
 
 

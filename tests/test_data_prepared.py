@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from replication.data.builtin import make_builtin_images
-from replication.data.config import DatasetConfigError, Family, validate_dataset_cfg
+from replication.data.config import Family, validate_dataset_cfg
 from replication.data.latents import LatentDataset, card_path, encode_to_cache
 from replication.data.prepare import prepare_dataset
 from replication.data.prepared import (
@@ -26,6 +26,7 @@ from replication.data.prepared import (
     write_prepared,
 )
 from replication.utils.io import ArtifactError
+from replication.utils.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,17 +208,17 @@ def test_every_dataset_yaml_validates(path):
 
 def test_config_errors_name_the_key():
     base = dict(name="t", family="lsun", root="r", prepared_dir="p", interpolation="pil_bicubic", source="s")
-    with pytest.raises(DatasetConfigError, match="flip_trian"):
+    with pytest.raises(ConfigError, match="flip_trian"):
         validate_dataset_cfg({**base, "flip_trian": True})
-    with pytest.raises(DatasetConfigError, match="family"):
+    with pytest.raises(ConfigError, match="family"):
         validate_dataset_cfg({**base, "family": "cifar"})
-    with pytest.raises(DatasetConfigError, match="source"):
+    with pytest.raises(ConfigError, match="source"):
         validate_dataset_cfg({k: v for k, v in base.items() if k != "source"})
-    with pytest.raises(DatasetConfigError, match="sha256"):
+    with pytest.raises(ConfigError, match="sha256"):
         validate_dataset_cfg({**base, "download": {"files": [{"name": "a.zip", "url": "http://x", "sha256": "abc"}]}})
-    with pytest.raises(DatasetConfigError, match="urll.*DownloadFile"):
+    with pytest.raises(ConfigError, match="urll.*DownloadFile"):
         validate_dataset_cfg({**base, "download": {"files": [{"name": "a.zip", "urll": "http://x"}]}})
-    with pytest.raises(DatasetConfigError, match="interpolation"):
+    with pytest.raises(ConfigError, match="interpolation"):
         validate_dataset_cfg({**base, "family": "builtin"})
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from replication.metrics.bootstrap import _weighted_stats, bootstrap_fid, fid_infinity
-from replication.metrics.config import MetricsConfigError, validate_metrics_cfg
+from replication.metrics.config import validate_metrics_cfg
 from replication.metrics.fid import feature_statistics, frechet_distance
 from replication.metrics.inception_score import inception_score
 from replication.metrics.kid import kernel_inception_distance, mmd2_unbiased
 from replication.metrics.precision_recall import precision_recall
+from replication.utils.schema import ConfigError
 
 
 pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py
@@ -241,14 +242,14 @@ def test_fid_infinity_removes_the_finite_sample_bias():
 
 # ---------------------------------------------------------------- config
 def test_config_unknown_key_is_named():
-    with pytest.raises(MetricsConfigError, match="pr_kk"):
+    with pytest.raises(ConfigError, match="pr_kk"):
         validate_metrics_cfg({"pr_kk": 3})
 
 
 def test_config_bad_enum_and_standin_without_permission():
-    with pytest.raises(MetricsConfigError, match="pr_protocol"):
+    with pytest.raises(ConfigError, match="pr_protocol"):
         validate_metrics_cfg({"pr_protocol": "adm"})
-    with pytest.raises(MetricsConfigError, match="allow_standin"):
+    with pytest.raises(ConfigError, match="allow_standin"):
         validate_metrics_cfg({"feature_extractor": "standin"})
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from replication.diffusion.config import ConfigError, run_sampler, validate_sampler_cfg
+from replication.diffusion.config import run_sampler, validate_sampler_cfg
 from replication.diffusion.ddim import (DDIMSpacing, FinalAlpha, TablePrecision, ddim_loop, ddim_parameters,
                                         ddim_sample, ddim_sigmas, ddim_timesteps, uniform_indices)
 from replication.diffusion.ddpm import ddpm_loop, ddpm_sample, ddpm_tables
@@ -19,6 +19,7 @@ from replication.diffusion.guidance import classifier_free, drop_condition, null
 from replication.diffusion.plms import plms_loop, plms_sample
 from replication.diffusion.schedule import Schedule
 from replication.utils.rng import StackedRandomGenerator
+from replication.utils.schema import ConfigError
 
 try:
     from cuda_checks import SyncCheckedSteps

@@ -10,8 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from replication.diffusion.config import ConfigError, validate_diffusion_cfg
+from replication.diffusion.config import validate_diffusion_cfg
 from replication.diffusion.schedule import Schedule, ScheduleKind, extract
+from replication.utils.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 1000

@@ -15,7 +15,8 @@ from replication.models.compvis import CheckpointMismatchError, load_into
 from replication.models.conditioning import ClassConditionalUNet, ClassEmbedder, drop_labels, null_condition, null_labels
 from replication.models.unet import UNetModel
 from replication.models.unet_blocks import timestep_embedding
-from replication.models.unet_config import UNET_CONFIG_KEYS, UNetConfigError, build_unet, validate_unet_cfg
+from replication.models.unet_config import UNET_CONFIG_KEYS, build_unet, validate_unet_cfg
+from replication.utils.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET_DIR = ROOT / "experiments" / "unet"
@@ -171,13 +172,13 @@ def test_imagenet_tab13_configs_sizes():
 def test_config_rejects_unknown_and_missing_keys():
     good = dict(OmegaConf.to_container(OmegaConf.load(UNET_DIR / "smoke.yaml")))
     assert set(good) <= set(UNET_CONFIG_KEYS)
-    with pytest.raises(UNetConfigError, match="num_head_chanels"):
+    with pytest.raises(ConfigError, match="num_head_chanels"):
         validate_unet_cfg({**good, "num_head_chanels": 8})
     partial = dict(good)
     del partial["model_channels"]
-    with pytest.raises(UNetConfigError, match="model_channels"):
+    with pytest.raises(ConfigError, match="model_channels"):
         validate_unet_cfg(partial)
-    with pytest.raises(UNetConfigError):
+    with pytest.raises(ConfigError):
         validate_unet_cfg({**good, "model_channels": "wide"})
 
 

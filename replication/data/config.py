@@ -8,7 +8,7 @@ from typing import Any, List, Mapping, Optional, Union
 
 from omegaconf import MISSING, DictConfig
 
-from replication.utils.schema import merge_into_schema
+from replication.utils.schema import ConfigError, merge_into_schema
 
 
 class Family(str, Enum):
@@ -122,20 +122,16 @@ class DatasetConfig:
     source: str = MISSING  # citation: where the data and the preprocessing come from
 
 
-class DatasetConfigError(ValueError):
-    """A dataset config has an unknown, missing, mistyped or inconsistent key."""
-
-
 def validate_dataset_cfg(cfg: Union[Mapping[str, Any], DictConfig, DatasetConfig]) -> DatasetConfig:
     """Merge `cfg` into the schema; an unknown/missing/mistyped key raises naming the full key."""
-    result = merge_into_schema(DatasetConfig, cfg, "dataset", DatasetConfigError)
+    result = merge_into_schema(DatasetConfig, cfg, "dataset", ConfigError)
     _check_consistency(result)
     return result
 
 
 def _check_consistency(cfg: DatasetConfig) -> None:
     def fail(msg: str) -> None:
-        raise DatasetConfigError(f"dataset config '{cfg.name}': {msg}")
+        raise ConfigError(f"dataset config '{cfg.name}': {msg}")
 
     if cfg.resolution < 1:
         fail(f"'resolution' must be positive (got {cfg.resolution})")

@@ -18,10 +18,7 @@ from replication.diffusion.objective import LossType, Parameterization
 from replication.diffusion.plms import plms_loop
 from replication.diffusion.schedule import Schedule, ScheduleKind, parse_enum
 from replication.utils.errors import first_line
-
-
-class ConfigError(ValueError):
-    """A config group holds an unknown key, a missing key or a bad value."""
+from replication.utils.schema import ConfigError
 
 
 class SamplerKind(str, Enum):

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from replication.utils.schema import check_finite
+from replication.utils.schema import ConfigError, check_finite
 
 # Paper rows use 50k samples [PROTOCOL.md §1, Sec. E.3.1].
 PAPER_NUM_SAMPLES = 50_000
@@ -85,46 +85,42 @@ _POSITIVE_INT_FIELDS = (
 )
 
 
-class MetricsConfigError(ValueError):
-    """A metrics config key is unknown or has a bad value."""
-
-
 def known_keys() -> list[str]:
     return [f.name for f in fields(MetricsConfig)]
 
 
 def validate_metrics_cfg(cfg: Mapping[str, Any] | DictConfig | MetricsConfig | None) -> MetricsConfig:
-    """Merge `cfg` onto the schema; unknown keys and bad values raise MetricsConfigError naming them."""
+    """Merge `cfg` onto the schema; unknown keys and bad values raise ConfigError naming them."""
     if isinstance(cfg, MetricsConfig):
         result = cfg
     else:
         raw = {} if cfg is None else (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg))
         unknown = sorted(set(raw) - set(known_keys()))
         if unknown:
-            raise MetricsConfigError(f"unknown metrics config key(s) {unknown}; known keys: {known_keys()}")
+            raise ConfigError(f"unknown metrics config key(s) {unknown}; known keys: {known_keys()}")
         schema = OmegaConf.structured(MetricsConfig)
         try:
             merged = OmegaConf.merge(schema, raw)
         except (ConfigKeyError, ValidationError) as exc:
-            raise MetricsConfigError(f"bad metrics config: {exc}") from exc
+            raise ConfigError(f"bad metrics config: {exc}") from exc
         result = OmegaConf.to_object(merged)
     _check_values(result)
     return result
 
 
 def _check_values(cfg: MetricsConfig) -> None:
-    check_finite(cfg, "metrics", MetricsConfigError)
+    check_finite(cfg, "metrics", ConfigError)
     for name, enum_cls in _ENUM_FIELDS.items():
         value = getattr(cfg, name)
         allowed = [e.value for e in enum_cls]
         if value not in allowed:
-            raise MetricsConfigError(f"metrics.{name}={value!r} is not one of {allowed}")
+            raise ConfigError(f"metrics.{name}={value!r} is not one of {allowed}")
     for name in _POSITIVE_INT_FIELDS:
         if getattr(cfg, name) <= 0:
-            raise MetricsConfigError(f"metrics.{name}={getattr(cfg, name)} must be a positive integer")
+            raise ConfigError(f"metrics.{name}={getattr(cfg, name)} must be a positive integer")
     if cfg.bootstrap_samples < 0 or cfg.bootstrap_default_when_short < 0:
-        raise MetricsConfigError("metrics.bootstrap_samples and bootstrap_default_when_short must be >= 0")
+        raise ConfigError("metrics.bootstrap_samples and bootstrap_default_when_short must be >= 0")
     if cfg.feature_extractor == ExtractorName.STANDIN.value and not cfg.allow_standin:
-        raise MetricsConfigError(
+        raise ConfigError(
             "metrics.feature_extractor='standin' needs metrics.allow_standin=true (only the smoke experiment may use it)"
         )

@@ -8,7 +8,7 @@ from typing import Any, List, Mapping, Optional, Union
 
 from omegaconf import MISSING, DictConfig
 
-from replication.utils.schema import check_range, merge_into_schema
+from replication.utils.schema import ConfigError, check_range, merge_into_schema
 
 from replication.models.ae_blocks import GROUPNORM_GROUPS, AttnType
 
@@ -95,20 +95,16 @@ class AutoencoderConfig:
     source: str = MISSING
 
 
-class AutoencoderConfigError(ValueError):
-    """An autoencoder config has an unknown, missing, mistyped or inconsistent key."""
-
-
 def validate_autoencoder_cfg(cfg: Union[Mapping[str, Any], DictConfig, AutoencoderConfig]) -> AutoencoderConfig:
     """Merge `cfg` into the structured schema; unknown/missing/mistyped keys raise naming the full key."""
-    result = merge_into_schema(AutoencoderConfig, cfg, "autoencoder", AutoencoderConfigError)
+    result = merge_into_schema(AutoencoderConfig, cfg, "autoencoder", ConfigError)
     _check_consistency(result)
     return result
 
 
 def _check_consistency(cfg: AutoencoderConfig) -> None:
     def fail(msg: str) -> None:
-        raise AutoencoderConfigError(f"autoencoder config '{cfg.name}': {msg}")
+        raise ConfigError(f"autoencoder config '{cfg.name}': {msg}")
 
     if cfg.kind is AEKind.identity:
         if cfg.ddconfig is not None:

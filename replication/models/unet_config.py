@@ -12,11 +12,7 @@ from typing import Any, List, Mapping, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from replication.utils.schema import check_finite, check_range
-
-
-class UNetConfigError(ValueError):
-    """A U-Net config has unknown, missing or mistyped keys."""
+from replication.utils.schema import ConfigError, check_finite, check_range
 
 
 @dataclass
@@ -48,7 +44,7 @@ UNET_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(UNetConfig))
 
 
 def validate_unet_cfg(cfg: Mapping[str, Any] | DictConfig | UNetConfig) -> UNetConfig:
-    """Check keys and types against `UNetConfig`; return the typed object. Raises UNetConfigError."""
+    """Check keys and types against `UNetConfig`; return the typed object. Raises ConfigError."""
     if isinstance(cfg, UNetConfig):
         cfg = OmegaConf.structured(cfg)
     if isinstance(cfg, DictConfig):
@@ -56,21 +52,21 @@ def validate_unet_cfg(cfg: Mapping[str, Any] | DictConfig | UNetConfig) -> UNetC
     elif isinstance(cfg, Mapping):
         raw = dict(cfg)
     else:
-        raise UNetConfigError(f"U-Net config must be a mapping, got {type(cfg).__name__}")
+        raise ConfigError(f"U-Net config must be a mapping, got {type(cfg).__name__}")
     unknown = sorted(set(raw) - set(UNET_CONFIG_KEYS))
     if unknown:
-        raise UNetConfigError(f"unknown U-Net config key(s) {unknown}; allowed: {list(UNET_CONFIG_KEYS)}")
+        raise ConfigError(f"unknown U-Net config key(s) {unknown}; allowed: {list(UNET_CONFIG_KEYS)}")
     schema = OmegaConf.structured(UNetConfig)
     try:
         merged = OmegaConf.merge(schema, raw)
         missing = sorted(k for k in UNET_CONFIG_KEYS if OmegaConf.is_missing(merged, k))
         if missing:
-            raise UNetConfigError(f"U-Net config is missing required key(s) {missing}")
+            raise ConfigError(f"U-Net config is missing required key(s) {missing}")
         result = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise UNetConfigError(f"invalid U-Net config: {exc}") from exc
-    check_finite(result, "unet", UNetConfigError)
-    check_range(result.dropout, "unet.dropout", UNetConfigError, low=0.0, high=1.0, high_open=True)
+        raise ConfigError(f"invalid U-Net config: {exc}") from exc
+    check_finite(result, "unet", ConfigError)
+    check_range(result.dropout, "unet.dropout", ConfigError, low=0.0, high=1.0, high_open=True)
     return result
 
 

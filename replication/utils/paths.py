@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from replication.config import ConfigError
+from replication.utils.schema import ConfigError
 
 # letters, digits, '_', '-', '.'; not starting with '.' (so never '.', '..' or a hidden folder)
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")

@@ -14,7 +14,12 @@ from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, Miss
 T = TypeVar("T")
 
 
-def merge_into_schema(schema_cls: type[T], cfg: Any, group: str, error_cls: type[Exception] = ValueError) -> T:
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the key and, where known, the allowed values. The one error
+    of every config group's validator, so a caller catches one type whichever group was wrong."""
+
+
+def merge_into_schema(schema_cls: type[T], cfg: Any, group: str, error_cls: type[Exception] = ConfigError) -> T:
     """`cfg` (a mapping or a DictConfig node, whose interpolations resolve against the full config it belongs
     to) merged into `schema_cls`; returns the dataclass instance. Free-form dict fields accept any key. Every
     float in the result is finite (`check_finite`)."""
@@ -46,7 +51,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def check_finite(obj: Any, group: str, error_cls: type[Exception] = ValueError) -> None:
+def check_finite(obj: Any, group: str, error_cls: type[Exception] = ConfigError) -> None:
     """Raise `error_cls` naming every NaN or infinite float of the config section `obj` (one line): a NaN passes
     every `x <= 0` style range check, and an infinite value fails only deep inside a run. `group` prefixes the
     key names; "<root>" (the top-level keys) adds no prefix."""
