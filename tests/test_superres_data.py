@@ -59,6 +59,17 @@ def test_random_crop_is_seeded_and_stays_inside():
     assert a[0].shape == (64, 64, 3) and a[1].shape == (16, 16, 3) and a[1].dtype == np.uint8
 
 
+@pytest.mark.parametrize("name", ["bsrgan", "bsrgan_light"])
+def test_bsr_options_are_seeded_per_image(name):
+    img = _noise(300, 300, seed=4)
+    spec = SRSpec(size=64, factor=4, degradation=name)
+    a, b = sr_pair(img, spec, np.random.default_rng(1)), sr_pair(img, spec, np.random.default_rng(1))
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[1].shape == (16, 16, 3) and a[1].dtype == np.uint8
+    with pytest.raises(DegradationError, match="needs an rng"):
+        degrade(a[0], name, 16)
+
+
 def test_spec_refuses_bad_choices():
     with pytest.raises(DegradationError, match="not one of"):
         SRSpec(degradation="bicubic")

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from replication.data.bsr import bsr_degrade
 from replication.data.preprocess import resize_cv2
 
 # SR3's filter, as the release's imagenet_{train,val}_hr_indices.p files apply it: shorter side >= 256
@@ -58,7 +59,7 @@ RESIZE_DEGRADATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     "cv_area": _cv(cv2.INTER_AREA),
     "cv_lanczos": _cv(cv2.INTER_LANCZOS4),
 }
-# the release's BSR options (degradation_fn_bsr / _light: blur, resizes, noise, JPEG); not implemented here
+# the release's BSR options (degradation_fn_bsr / _light: blur, resizes, noise, JPEG), drawn per image (data/bsr.py)
 BSR_DEGRADATIONS = ("bsrgan", "bsrgan_light")
 DEGRADATIONS = tuple(RESIZE_DEGRADATIONS) + BSR_DEGRADATIONS
 
@@ -81,10 +82,6 @@ class SRSpec:
     def __post_init__(self) -> None:
         if self.degradation not in DEGRADATIONS:
             raise DegradationError(f"degradation {self.degradation!r} is not one of {', '.join(DEGRADATIONS)}")
-        if self.degradation in BSR_DEGRADATIONS:
-            raise DegradationError(
-                f"degradation {self.degradation!r} (the release's BSR pipeline: random blur kernels, resizes, noise, "
-                "JPEG) is not implemented in this harness; use one of " + ", ".join(RESIZE_DEGRADATIONS))
         if self.size % self.factor:
             raise DegradationError(f"size {self.size} is not a multiple of the downscale factor {self.factor}")
         if not 0.0 < self.min_crop_f <= self.max_crop_f <= 1.0:
@@ -95,12 +92,19 @@ class SRSpec:
         return self.size // self.factor
 
 
-def degrade(hr: np.ndarray, degradation: str, lr_size: int) -> np.ndarray:
-    """The low-resolution image (uint8 HWC, lr_size x lr_size) made from a square uint8 HWC image."""
-    if degradation not in RESIZE_DEGRADATIONS:
+def degrade(hr: np.ndarray, degradation: str, lr_size: int, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """The low-resolution image (uint8 HWC, lr_size x lr_size) made from a square uint8 HWC image. The BSR options
+    are random (blur kernel, resizes, noise, JPEG quality) and draw from `rng`."""
+    if degradation not in DEGRADATIONS:
         SRSpec(degradation=degradation)  # raises the message that names the choices
     if hr.dtype != np.uint8 or hr.ndim != 3 or hr.shape[0] != hr.shape[1]:
         raise DegradationError(f"expected a square uint8 HWC image, got {hr.dtype} {hr.shape}")
+    if degradation in BSR_DEGRADATIONS:
+        if rng is None:
+            raise DegradationError(f"degradation {degradation!r} is random and needs an rng")
+        if hr.shape[0] % lr_size:
+            raise DegradationError(f"a {hr.shape[0]}-pixel image does not scale to {lr_size} by an integer factor")
+        return bsr_degrade(np.ascontiguousarray(hr), hr.shape[0] // lr_size, rng, light=degradation == "bsrgan_light")
     return RESIZE_DEGRADATIONS[degradation](np.ascontiguousarray(hr), lr_size)
 
 
@@ -127,4 +131,4 @@ def sr_crop(image: np.ndarray, spec: SRSpec, rng: Optional[np.random.Generator])
 def sr_pair(image: np.ndarray, spec: SRSpec, rng: Optional[np.random.Generator]) -> tuple[np.ndarray, np.ndarray]:
     """(high-resolution target, low-resolution input), both uint8 HWC; the model sees both scaled to [-1, 1]."""
     hr = sr_crop(image, spec, rng)
-    return hr, degrade(hr, spec.degradation, spec.lr_size)
+    return hr, degrade(hr, spec.degradation, spec.lr_size, rng)
