@@ -1,0 +1,88 @@
+"""Places365 for the inpainting experiments (paper Sec. 4.5, Tab. 6 and 7; PROTOCOL.md section 7).
+
+On disk, as the publisher's high-resolution tars extract (places2.csail.mit.edu, "Places365-Standard, high resolution",
+shorter side 512 or more): `data_large/<letter>/<category>[/<sub>]/<n>.jpg` for training and
+`val_large/Places365_val_<n>.jpg` (36,500 images) for validation. LaMa evaluates on 30k images drawn from the
+validation set and the paper's ablation (Tab. 6) on 2k more. LaMa drew its list without a seed, so it cannot be made
+again; here the two lists are drawn from the sorted validation file names with a recorded seed, disjoint, and
+written into the dataset card, so every machine evaluates the same images.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TRAIN_DIR = "data_large"
+VAL_DIR = "val_large"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+PLACES_VAL_COUNT = 36_500  # Places365-Standard validation: 100 images x 365 categories
+LAMA_TEST_COUNT = 30_000
+LDM_ABLATION_COUNT = 2_000
+
+
+class PlacesLayoutError(FileNotFoundError):
+    """The Places folders are missing or hold fewer images than asked for."""
+
+
+def _images(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def train_files(root: Path) -> list[str]:
+    folder = Path(root) / TRAIN_DIR
+    if not folder.is_dir():
+        raise PlacesLayoutError(
+            f"no Places training folder at {folder}: extract train_large_places365standard.tar (Places365-Standard, "
+            f"high resolution, from places2.csail.mit.edu) into {root} ({folder}/a/airfield/00000001.jpg ...)")
+    return _images(folder)
+
+
+def val_files(root: Path) -> list[str]:
+    folder = Path(root) / VAL_DIR
+    if not folder.is_dir():
+        raise PlacesLayoutError(
+            f"no Places validation folder at {folder}: extract val_large.tar (Places365-Standard, high resolution, "
+            f"from places2.csail.mit.edu) into {root} ({folder}/Places365_val_00000001.jpg ...)")
+    return _images(folder)
+
+
+@dataclass(frozen=True)
+class EvaluationLists:
+    """The fixed evaluation subsets of the validation images: `test` (LaMa's 30k protocol) and `ablation`
+    (the 2k of Tab. 6), disjoint, each sorted by file name; `list_sha256` identifies both for the card."""
+
+    seed: int
+    test: tuple[str, ...]
+    ablation: tuple[str, ...]
+
+    @property
+    def list_sha256(self) -> str:
+        text = "\n".join(["# test"] + list(self.test) + ["# ablation"] + list(self.ablation)) + "\n"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def card(self) -> dict:
+        return {"seed": self.seed, "test_count": len(self.test), "ablation_count": len(self.ablation),
+                "lists_sha256": self.list_sha256, "rule": "seeded permutation of the sorted validation file names; "
+                "the first test_count are the test list, the next ablation_count the ablation list"}
+
+
+def evaluation_lists(names: list[str], seed: int, test_count: int = LAMA_TEST_COUNT,
+                     ablation_count: int = LDM_ABLATION_COUNT) -> EvaluationLists:
+    """Draw the two lists: a permutation of the sorted names from `seed`, first `test_count` then `ablation_count`.
+    The result depends only on the set of names and the seed, not on their order or the machine."""
+    ordered = sorted(set(names))
+    if len(ordered) != len(names):
+        raise PlacesLayoutError("the validation file names are not unique")
+    if test_count < 0 or ablation_count < 0:
+        raise ValueError("list sizes must be >= 0")
+    if test_count + ablation_count > len(ordered):
+        raise PlacesLayoutError(f"{len(ordered)} validation images, fewer than the {test_count} + {ablation_count} the "
+                                "evaluation lists need")
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    test = tuple(sorted(ordered[i] for i in order[:test_count]))
+    ablation = tuple(sorted(ordered[i] for i in order[test_count:test_count + ablation_count]))
+    return EvaluationLists(seed, test, ablation)
