@@ -172,7 +172,7 @@ class RootConfig:
 
 
 def validate_trainer_cfg(cfg: Any) -> TrainerConfig:
-    trainer = merge_into_schema(TrainerConfig, cfg, "trainer", ConfigError)
+    trainer = merge_into_schema(TrainerConfig, cfg, "trainer")
     for key in ("steps", "batch_size", "accumulate_grad_batches", "log_every", "ckpt_every", "keep_last_ckpts"):
         if getattr(trainer, key) < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(trainer, key)}")
@@ -255,7 +255,7 @@ def validate_config(cfg: DictConfig) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"config is missing group(s): {', '.join(missing)}")
     root_part = OmegaConf.create({k: cfg[k] for k in cfg.keys() if k in root_keys})
-    typed: dict[str, Any] = {"root": merge_into_schema(RootConfig, root_part, "<root>", ConfigError)}
+    typed: dict[str, Any] = {"root": merge_into_schema(RootConfig, root_part, "<root>")}
     _check_root(typed["root"])
     bad_stages = [s for s in typed["root"].stages if s not in STAGES]
     bad_force = [s for s in typed["root"].force if s not in STAGES and s != "all"]
@@ -270,7 +270,7 @@ def validate_config(cfg: DictConfig) -> dict[str, Any]:
                 raise
             raise ConfigError(f"invalid config in group '{group}': {exc}") from exc
         # every section, whichever validator it has, holds finite floats only
-        check_finite(typed[group], group, ConfigError)
+        check_finite(typed[group], group)
     return typed
 
 

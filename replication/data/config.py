@@ -124,7 +124,7 @@ class DatasetConfig:
 
 def validate_dataset_cfg(cfg: Union[Mapping[str, Any], DictConfig, DatasetConfig]) -> DatasetConfig:
     """Merge `cfg` into the schema; an unknown/missing/mistyped key raises naming the full key."""
-    result = merge_into_schema(DatasetConfig, cfg, "dataset", ConfigError)
+    result = merge_into_schema(DatasetConfig, cfg, "dataset")
     _check_consistency(result)
     return result
 

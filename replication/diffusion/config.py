@@ -3,12 +3,11 @@ experiments/sampler/*.yaml). An unknown key, a missing required key, a wrongly t
 value is an error naming the key (and the allowed values), never a silent default."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig
 
 from replication.diffusion.ddim import (DDIMSpacing, NoiseSource, SampleResult, StepCallback, TablePrecision, ddim_loop,
                                         ddim_timesteps)
@@ -17,8 +16,7 @@ from replication.diffusion.lr_schedule import LRWarmupKind, make_lr_multiplier
 from replication.diffusion.objective import LossType, Parameterization
 from replication.diffusion.plms import plms_loop
 from replication.diffusion.schedule import Schedule, ScheduleKind, parse_enum
-from replication.utils.errors import first_line
-from replication.utils.schema import ConfigError
+from replication.utils.schema import ConfigError, merge_into_schema
 
 
 class SamplerKind(str, Enum):
@@ -84,36 +82,6 @@ class SamplerConfig:
     source: str = MISSING
 
 
-def _check_keys(cfg: Mapping[str, Any], schema: type, path: str) -> None:
-    allowed = {f.name: f for f in fields(schema)}
-    unknown = sorted(k for k in cfg if k not in allowed)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{path}.{k}' for k in unknown)}; "
-                          f"allowed keys of {path}: {sorted(allowed)}")
-    for name, f in allowed.items():
-        sub = cfg.get(name)
-        sub_schema = f.default_factory if is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
-        if sub_schema is not None and isinstance(sub, Mapping):
-            _check_keys(sub, sub_schema, f"{path}.{name}")
-
-
-def _to_schema(cfg: Mapping[str, Any] | DictConfig, schema: type, path: str):
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f"{path} must be a mapping of keys to values, got {type(cfg).__name__}")
-    _check_keys(cfg, schema, path)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"{path}.{key}: {first_line(e)}") from None
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ConfigError(f"missing required key(s): {', '.join(f'{path}.{k}' for k in missing)}")
-    return OmegaConf.to_object(merged)
-
-
 def _enum(enum_cls, value, key: str):
     try:
         return parse_enum(enum_cls, value, key)
@@ -123,7 +91,7 @@ def _enum(enum_cls, value, key: str):
 
 def validate_diffusion_cfg(cfg: Mapping[str, Any] | DictConfig, path: str = "diffusion") -> DiffusionConfig:
     """Check the `diffusion` group and return it as a typed DiffusionConfig."""
-    c: DiffusionConfig = _to_schema(cfg, DiffusionConfig, path)
+    c = merge_into_schema(DiffusionConfig, cfg, path, key_prefix=f"{path}.")
     _enum(ScheduleKind, c.beta_schedule, f"{path}.beta_schedule")
     _enum(LossType, c.loss_type, f"{path}.loss_type")
     _enum(Parameterization, c.parameterization, f"{path}.parameterization")
@@ -156,7 +124,7 @@ def validate_diffusion_cfg(cfg: Mapping[str, Any] | DictConfig, path: str = "dif
 def validate_sampler_cfg(cfg: Mapping[str, Any] | DictConfig, num_timesteps: int = 1000,
                          path: str = "sampler") -> SamplerConfig:
     """Check the `sampler` group against the schedule length and return it as a typed SamplerConfig."""
-    c: SamplerConfig = _to_schema(cfg, SamplerConfig, path)
+    c = merge_into_schema(SamplerConfig, cfg, path, key_prefix=f"{path}.")
     _enum(DDIMSpacing, c.spacing, f"{path}.spacing")
     _enum(TablePrecision, c.table_precision, f"{path}.table_precision")
     if not 0.0 <= c.eta <= 1.0:  # above 1, DDIM's sqrt(1 - a_prev - sigma^2) can go negative (NaN images)

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf import DictConfig
 
-from replication.utils.schema import ConfigError, check_finite
+from replication.utils.schema import ConfigError, merge_into_schema
 
 # Paper rows use 50k samples [PROTOCOL.md §1, Sec. E.3.1].
 PAPER_NUM_SAMPLES = 50_000
@@ -85,31 +84,15 @@ _POSITIVE_INT_FIELDS = (
 )
 
 
-def known_keys() -> list[str]:
-    return [f.name for f in fields(MetricsConfig)]
-
-
 def validate_metrics_cfg(cfg: Mapping[str, Any] | DictConfig | MetricsConfig | None) -> MetricsConfig:
-    """Merge `cfg` onto the schema; unknown keys and bad values raise ConfigError naming them."""
-    if isinstance(cfg, MetricsConfig):
-        result = cfg
-    else:
-        raw = {} if cfg is None else (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg))
-        unknown = sorted(set(raw) - set(known_keys()))
-        if unknown:
-            raise ConfigError(f"unknown metrics config key(s) {unknown}; known keys: {known_keys()}")
-        schema = OmegaConf.structured(MetricsConfig)
-        try:
-            merged = OmegaConf.merge(schema, raw)
-        except (ConfigKeyError, ValidationError) as exc:
-            raise ConfigError(f"bad metrics config: {exc}") from exc
-        result = OmegaConf.to_object(merged)
+    """Merge `cfg` onto the schema (None: every default); unknown keys and bad values raise ConfigError naming
+    them."""
+    result = merge_into_schema(MetricsConfig, {} if cfg is None else cfg, "metrics")
     _check_values(result)
     return result
 
 
 def _check_values(cfg: MetricsConfig) -> None:
-    check_finite(cfg, "metrics", ConfigError)
     for name, enum_cls in _ENUM_FIELDS.items():
         value = getattr(cfg, name)
         allowed = [e.value for e in enum_cls]

@@ -97,7 +97,7 @@ class AutoencoderConfig:
 
 def validate_autoencoder_cfg(cfg: Union[Mapping[str, Any], DictConfig, AutoencoderConfig]) -> AutoencoderConfig:
     """Merge `cfg` into the structured schema; unknown/missing/mistyped keys raise naming the full key."""
-    result = merge_into_schema(AutoencoderConfig, cfg, "autoencoder", ConfigError)
+    result = merge_into_schema(AutoencoderConfig, cfg, "autoencoder")
     _check_consistency(result)
     return result
 

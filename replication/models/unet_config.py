@@ -9,10 +9,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig
 
-from replication.utils.schema import ConfigError, check_finite, check_range
+from replication.utils.schema import ConfigError, check_range, merge_into_schema
 
 
 @dataclass
@@ -45,27 +44,7 @@ UNET_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(UNetConfig))
 
 def validate_unet_cfg(cfg: Mapping[str, Any] | DictConfig | UNetConfig) -> UNetConfig:
     """Check keys and types against `UNetConfig`; return the typed object. Raises ConfigError."""
-    if isinstance(cfg, UNetConfig):
-        cfg = OmegaConf.structured(cfg)
-    if isinstance(cfg, DictConfig):
-        raw = OmegaConf.to_container(cfg, resolve=True)
-    elif isinstance(cfg, Mapping):
-        raw = dict(cfg)
-    else:
-        raise ConfigError(f"U-Net config must be a mapping, got {type(cfg).__name__}")
-    unknown = sorted(set(raw) - set(UNET_CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown U-Net config key(s) {unknown}; allowed: {list(UNET_CONFIG_KEYS)}")
-    schema = OmegaConf.structured(UNetConfig)
-    try:
-        merged = OmegaConf.merge(schema, raw)
-        missing = sorted(k for k in UNET_CONFIG_KEYS if OmegaConf.is_missing(merged, k))
-        if missing:
-            raise ConfigError(f"U-Net config is missing required key(s) {missing}")
-        result = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid U-Net config: {exc}") from exc
-    check_finite(result, "unet", ConfigError)
+    result = merge_into_schema(UNetConfig, cfg, "unet")
     check_range(result.dropout, "unet.dropout", ConfigError, low=0.0, high=1.0, high_open=True)
     return result
 

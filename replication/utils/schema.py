@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import fields, is_dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue,
                               OmegaConfBaseException, ValidationError)
+
+from replication.utils.errors import first_line
 
 T = TypeVar("T")
 
@@ -19,15 +21,16 @@ class ConfigError(ValueError):
     of every config group's validator, so a caller catches one type whichever group was wrong."""
 
 
-def merge_into_schema(schema_cls: type[T], cfg: Any, group: str, error_cls: type[Exception] = ConfigError) -> T:
+def merge_into_schema(schema_cls: type[T], cfg: Any, group: str, key_prefix: str = "") -> T:
     """`cfg` (a mapping or a DictConfig node, whose interpolations resolve against the full config it belongs
     to) merged into `schema_cls`; returns the dataclass instance. Free-form dict fields accept any key. Every
-    float in the result is finite (`check_finite`)."""
+    float in the result is finite (`check_finite`). An unknown, missing or mistyped key is a ConfigError naming
+    it as `key_prefix` + its key inside the group."""
     if isinstance(cfg, schema_cls):
-        check_finite(cfg, group, error_cls)
+        check_finite(cfg, group)
         return cfg
-    result = _merge(schema_cls, cfg, group, error_cls)
-    check_finite(result, group, error_cls)
+    result = _merge(schema_cls, cfg, group, key_prefix)
+    check_finite(result, group)
     return result
 
 
@@ -78,26 +81,36 @@ def check_range(value: Any, key: str, error_cls: type[Exception], low: float | N
         raise error_cls(f"{key} must be {rule}, got {value}")
 
 
-def _merge(schema_cls: type[T], cfg: Any, group: str, error_cls: type[Exception]) -> T:
+def _merge(schema_cls: type[T], cfg: Any, group: str, prefix: str) -> T:
+    if not isinstance(cfg, (Mapping, DictConfig)):
+        raise ConfigError(f"{group} config must be a mapping of keys to values, got {type(cfg).__name__}")
     base = OmegaConf.structured(schema_cls)
     OmegaConf.set_struct(base, True)
     for f in fields(schema_cls):  # free-form dict fields (e.g. `choices`) take any key
         node = base._get_node(f.name)
         if isinstance(node, DictConfig) and node._metadata.object_type is dict:
             OmegaConf.set_struct(node, False)
-    allowed = ", ".join(f.name for f in fields(schema_cls))
+    allowed = f"Allowed keys of '{group}': {', '.join(f.name for f in fields(schema_cls))}"
     try:
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
-        return OmegaConf.to_object(OmegaConf.merge(base, cfg))
+        merged = OmegaConf.merge(base, cfg)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"missing required key{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(repr(prefix + key) for key in missing)} in {group} config")
+        return OmegaConf.to_object(merged)
     except InterpolationResolutionError as exc:
-        raise error_cls(f"{group} config: cannot resolve an interpolation: {exc}") from exc
+        raise ConfigError(f"{group} config: cannot resolve an interpolation: {first_line(exc)}") from exc
     except ConfigKeyError as exc:
-        raise error_cls(f"unknown key '{exc.full_key}' in {group} config: {exc.msg}. Allowed keys of '{group}': "
-                        f"{allowed}") from None
+        section = getattr(exc, "object_type", None)  # the dataclass holding the unknown key, nested or not
+        if is_dataclass(section) and section is not schema_cls:
+            allowed = f"Allowed keys of {section.__name__}: {', '.join(f.name for f in fields(section))}"
+        raise ConfigError(f"unknown key '{prefix}{exc.full_key}' in {group} config: {first_line(exc)}. {allowed}") from None
     except MissingMandatoryValue as exc:
-        raise error_cls(f"missing required key '{exc.full_key}' in {group} config") from None
+        raise ConfigError(f"missing required key '{prefix}{exc.full_key}' in {group} config") from None
     except ValidationError as exc:
-        raise error_cls(f"invalid value for '{exc.full_key}' in {group} config: {exc.msg}") from None
+        raise ConfigError(f"invalid value for '{prefix}{exc.full_key}' in {group} config: {first_line(exc)}") from None
     except OmegaConfBaseException as exc:
-        raise error_cls(f"invalid {group} config at '{getattr(exc, 'full_key', '?')}': {exc}") from None
+        where = f"{prefix}{getattr(exc, 'full_key', '?')}"
+        raise ConfigError(f"invalid {group} config at '{where}': {first_line(exc)}") from None
