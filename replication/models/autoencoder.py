@@ -331,8 +331,9 @@ def make_first_stage(
 
 
 def build_autoencoder(cfg: AutoencoderConfig | Mapping[str, Any]) -> FirstStage:
-    """Build (untrained) from an AutoencoderConfig or a mapping that validates as one."""
-    cfg = validate_autoencoder_cfg(cfg)
+    """Build (untrained) from an AutoencoderConfig or a mapping that validates as one. Only the architecture is
+    needed: `loss` and `train` may be absent (inference, imported weights); when present they are checked."""
+    cfg = validate_autoencoder_cfg(cfg, inference_only=True)
     return make_first_stage(cfg.kind, cfg.ddconfig, cfg.embed_dim, cfg.n_embed)
 
 

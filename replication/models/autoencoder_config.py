@@ -95,14 +95,18 @@ class AutoencoderConfig:
     source: str = MISSING
 
 
-def validate_autoencoder_cfg(cfg: Union[Mapping[str, Any], DictConfig, AutoencoderConfig]) -> AutoencoderConfig:
-    """Merge `cfg` into the structured schema; unknown/missing/mistyped keys raise naming the full key."""
+def validate_autoencoder_cfg(cfg: Union[Mapping[str, Any], DictConfig, AutoencoderConfig],
+                             inference_only: bool = False) -> AutoencoderConfig:
+    """Merge `cfg` into the structured schema; unknown/missing/mistyped keys raise naming the full key.
+
+    `inference_only`: only the network is wanted (building it, loading weights), so the `loss` and `train`
+    sections may be absent; when present they are checked all the same."""
     result = merge_into_schema(AutoencoderConfig, cfg, "autoencoder")
-    _check_consistency(result)
+    _check_consistency(result, inference_only)
     return result
 
 
-def _check_consistency(cfg: AutoencoderConfig) -> None:
+def _check_consistency(cfg: AutoencoderConfig, inference_only: bool = False) -> None:
     def fail(msg: str) -> None:
         raise ConfigError(f"autoencoder config '{cfg.name}': {msg}")
 
@@ -114,19 +118,22 @@ def _check_consistency(cfg: AutoencoderConfig) -> None:
         if cfg.loss is not None or cfg.train is not None:
             fail("kind 'identity' has nothing to train; remove 'loss' and 'train'")
         return
-    for section in ("ddconfig", "loss", "train"):
+    for section in ("ddconfig",) if inference_only else ("ddconfig", "loss", "train"):
         if getattr(cfg, section) is None:
             fail(f"kind '{cfg.kind.value}' needs '{section}'")
-    for key in ("steps", "batch_size", "accumulate_grad_batches", "log_every", "ckpt_every"):
-        if getattr(cfg.train, key) < 1:
-            fail(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    train, loss = cfg.train, cfg.loss
+    for key in ("steps", "batch_size", "accumulate_grad_batches", "log_every", "ckpt_every") if train else ():
+        if getattr(train, key) < 1:
+            fail(f"train.{key} must be >= 1, got {getattr(train, key)}")
     try:
-        check_range(cfg.train.base_lr, "train.base_lr", ValueError, low=0.0, low_open=True)
+        if train is not None:
+            check_range(train.base_lr, "train.base_lr", ValueError, low=0.0, low_open=True)
         check_range(cfg.ddconfig.dropout, "ddconfig.dropout", ValueError, low=0.0, high=1.0, high_open=True)
-        check_range(cfg.loss.disc_start, "loss.disc_start", ValueError, low=0)
-        for key in ("kl_weight", "codebook_weight", "disc_weight", "disc_factor", "perceptual_weight"):
-            check_range(getattr(cfg.loss, key), f"loss.{key}", ValueError, low=0.0)
-        for i, beta in enumerate(cfg.train.adam_betas):
+        if loss is not None:
+            check_range(loss.disc_start, "loss.disc_start", ValueError, low=0)
+            for key in ("kl_weight", "codebook_weight", "disc_weight", "disc_factor", "perceptual_weight"):
+                check_range(getattr(loss, key), f"loss.{key}", ValueError, low=0.0)
+        for i, beta in enumerate(train.adam_betas if train is not None else ()):
             check_range(beta, f"train.adam_betas[{i}]", ValueError, low=0.0, high=1.0, high_open=True)
     except ValueError as exc:
         fail(str(exc))
@@ -148,8 +155,8 @@ def _check_consistency(cfg: AutoencoderConfig) -> None:
             fail(f"kind 'vq' needs a positive 'n_embed' (got {cfg.n_embed})")
     if cfg.embed_dim < 1:
         fail(f"'embed_dim' must be positive (got {cfg.embed_dim})")
-    if len(cfg.train.adam_betas) != 2:
-        fail(f"'train.adam_betas' must have two entries (got {cfg.train.adam_betas})")
+    if train is not None and len(train.adam_betas) != 2:
+        fail(f"'train.adam_betas' must have two entries (got {train.adam_betas})")
 
 
 def downsampling_factor(cfg: AutoencoderConfig) -> int:
