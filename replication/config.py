@@ -9,11 +9,11 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from replication.data.config import validate_dataset_cfg
-from replication.diffusion.config import validate_diffusion_cfg, validate_sampler_cfg
-from replication.metrics.config import validate_metrics_cfg
-from replication.models.autoencoder_config import validate_autoencoder_cfg
-from replication.models.unet_config import validate_unet_cfg
+from replication.data.config import DatasetConfig, validate_dataset_cfg
+from replication.diffusion.config import DiffusionConfig, SamplerConfig, validate_diffusion_cfg, validate_sampler_cfg
+from replication.metrics.config import MetricsConfig, validate_metrics_cfg
+from replication.models.autoencoder_config import AutoencoderConfig, validate_autoencoder_cfg
+from replication.models.unet_config import UNetConfig, validate_unet_cfg
 from replication.utils.paths import PLAIN_NAME_RULE, is_plain_name
 from replication.utils.schema import ConfigError, check_finite, check_range, merge_into_schema
 
@@ -236,8 +236,32 @@ def _check_root(root: RootConfig) -> None:
             check_range(getattr(proto, key), f"paper_protocol.{key}", ConfigError, low=low, high=high)
 
 
-def validate_config(cfg: DictConfig) -> dict[str, Any]:
-    """Check the whole composed config; return the typed objects per group plus `root`.
+@dataclass(frozen=True)
+class TypedConfig:
+    """The validated config: the root keys and one typed object per group of GROUPS, read as attributes
+    (`typed.unet.model_channels`), so a reader and a type checker see which groups and keys exist."""
+
+    root: RootConfig
+    dataset: DatasetConfig
+    autoencoder: AutoencoderConfig
+    unet: UNetConfig
+    diffusion: DiffusionConfig
+    sampler: SamplerConfig
+    metrics: MetricsConfig
+    trainer: TrainerConfig
+
+    def __getitem__(self, group: str) -> Any:
+        """`typed["unet"]` is `typed.unet`: a group by its name."""
+        if group not in _TYPED_FIELDS:
+            raise KeyError(f"no config group {group!r}; groups: {', '.join(_TYPED_FIELDS)}")
+        return getattr(self, group)
+
+
+_TYPED_FIELDS = tuple(f.name for f in fields(TypedConfig))
+
+
+def validate_config(cfg: DictConfig) -> TypedConfig:
+    """Check the whole composed config; return the typed objects of the root keys and of every group.
 
     Raises ConfigError naming the first unknown key or bad value found: names that are not plain identifiers,
     NaN or infinite floats in any section, values out of their range.
@@ -255,23 +279,24 @@ def validate_config(cfg: DictConfig) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"config is missing group(s): {', '.join(missing)}")
     root_part = OmegaConf.create({k: cfg[k] for k in cfg.keys() if k in root_keys})
-    typed: dict[str, Any] = {"root": merge_into_schema(RootConfig, root_part, "<root>")}
-    _check_root(typed["root"])
-    bad_stages = [s for s in typed["root"].stages if s not in STAGES]
-    bad_force = [s for s in typed["root"].force if s not in STAGES and s != "all"]
+    root = merge_into_schema(RootConfig, root_part, "<root>")
+    _check_root(root)
+    bad_stages = [s for s in root.stages if s not in STAGES]
+    bad_force = [s for s in root.force if s not in STAGES and s != "all"]
     if bad_stages or bad_force:
         raise ConfigError(f"unknown stage name(s) {bad_stages + bad_force}; allowed: {', '.join(STAGES)} (force also 'all')")
-    check_compile_mode(typed["root"].sampling_speed.compile_mode, "sampling_speed.compile_mode")
+    check_compile_mode(root.sampling_speed.compile_mode, "sampling_speed.compile_mode")
+    groups: dict[str, Any] = {}
     for group in GROUPS:
         try:
-            typed[group] = GROUP_VALIDATORS[group](cfg[group])
+            groups[group] = GROUP_VALIDATORS[group](cfg[group])
         except (ValueError, KeyError, TypeError, OmegaConfBaseException) as exc:
             if isinstance(exc, ConfigError) and group in ROOT_SCHEMA_GROUPS:
                 raise
             raise ConfigError(f"invalid config in group '{group}': {exc}") from exc
         # every section, whichever validator it has, holds finite floats only
-        check_finite(typed[group], group)
-    return typed
+        check_finite(groups[group], group)
+    return TypedConfig(root=root, **groups)
 
 
 def to_container(cfg: Any) -> Any:

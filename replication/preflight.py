@@ -12,9 +12,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
-from replication.config import ConfigError, ExperimentKind
+from replication.config import ConfigError, ExperimentKind, TypedConfig
 from replication.utils.io import ArtifactError
 
 log = logging.getLogger("replication")
@@ -45,20 +45,20 @@ def _gib(n: float) -> str:
 
 # ---------------------------------------------------------------------------------------------- writable roots
 
-def output_roots(typed: dict[str, Any]) -> list[tuple[str, Path]]:
+def output_roots(typed: TypedConfig) -> list[tuple[str, Path]]:
     """(config key, folder) of every folder the selected stages write into."""
-    root = typed["root"]
+    root = typed.root
     stages = set(root.stages)
     roots = [("runs_root", Path(root.runs_root))]
     if "report" in stages:
         roots.append(("reports_dir", Path(root.reports_dir)))
     if "prepare" in stages:
-        dataset = typed["dataset"]
+        dataset = typed.dataset
         roots.append(("dataset.prepared_dir", Path(dataset.prepared_dir)))
         if dataset.download.files:  # raw files are fetched into dataset.root, under data_root
             roots.append(("data_root", Path(root.data_root)))
     if "evaluate" in stages:
-        roots.append(("metrics.reference_cache_dir", Path(typed["metrics"].reference_cache_dir)))
+        roots.append(("metrics.reference_cache_dir", Path(typed.metrics.reference_cache_dir)))
     return roots
 
 
@@ -80,7 +80,7 @@ def check_writable(folder: str | os.PathLike, key: str) -> None:
         raise ConfigError(f"{key}={str(folder)!r} is not writable: {reason}") from None
 
 
-def check_output_roots(typed: dict[str, Any]) -> None:
+def check_output_roots(typed: TypedConfig) -> None:
     for key, folder in output_roots(typed):
         check_writable(folder, key)
 
@@ -110,10 +110,10 @@ def autoencoder_params(ae_cfg) -> tuple[int, int]:
     return model, disc
 
 
-def unet_params(typed: dict[str, Any]) -> int:
+def unet_params(typed: TypedConfig) -> int:
     from replication.models.unet_config import build_unet
 
-    return _param_count(lambda: build_unet(typed["unet"]))
+    return _param_count(lambda: build_unet(typed.unet))
 
 
 def _prepared_images(dataset) -> Optional[int]:
@@ -148,13 +148,13 @@ def _stage_done(root, stage: str) -> bool:
     return (Path(root.runs_root) / root.name / stage / "done.json").is_file()
 
 
-def estimate_disk_needs(typed: dict[str, Any]) -> list[Need]:
+def estimate_disk_needs(typed: TypedConfig) -> list[Need]:
     """What the stages still to run will write, part by part (bytes, before MARGIN). A stage whose done.json
     exists, or that reuses another run's folder, writes nothing new and is left out; prepared images already in
     `dataset.prepared_dir` too."""
     from replication.models.autoencoder_config import AEKind, downsampling_factor, needs_training
 
-    root, dataset, ae = typed["root"], typed["dataset"], typed["autoencoder"]
+    root, dataset, ae = typed.root, typed.dataset, typed.autoencoder
     stages = set(root.stages)
     if root.kind == ExperimentKind.autoencoder:
         stages &= {"prepare", "train_autoencoder", "evaluate", "report"}
@@ -188,7 +188,7 @@ def estimate_disk_needs(typed: dict[str, Any]) -> list[Need]:
         model, _ = autoencoder_params(ae)
         needs.append(Need(f"imported autoencoder weights ({model:,} parameters)", run_dir, model * FLOAT32))
     if root.kind == ExperimentKind.ldm:
-        trainer, sampler = typed["trainer"], typed["sampler"]
+        trainer, sampler = typed.trainer, typed.sampler
         f = downsampling_factor(ae)
         latent_side = side // f
         if todo("encode_latents") and trainer.use_latent_cache and n_train is not None:
@@ -215,7 +215,7 @@ def estimate_disk_needs(typed: dict[str, Any]) -> list[Need]:
     if todo("evaluate"):
         from replication.metrics.reference import stats_nbytes
 
-        m = typed["metrics"]
+        m = typed.metrics
         rows = m.pr_reference_images if n_train is None else min(m.pr_reference_images, n_train)
         needs.append(Need("reference statistics", Path(m.reference_cache_dir), stats_nbytes(INCEPTION_DIM, rows)))
     return needs
@@ -248,7 +248,7 @@ def describe(needs: list[Need]) -> str:
     return "\n".join(lines)
 
 
-def preflight(typed: dict[str, Any], out=None) -> list[Need]:
+def preflight(typed: TypedConfig, out=None) -> list[Need]:
     """Writable output folders, then the disk estimate printed (to `out`, default stderr; by the first process
     only under torchrun) and checked."""
     check_output_roots(typed)

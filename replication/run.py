@@ -12,17 +12,17 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from replication.config import AUTOENCODER_STAGES, STAGES, ExperimentKind, validate_config
+from replication.config import AUTOENCODER_STAGES, STAGES, ExperimentKind, TypedConfig, validate_config
 from replication.preflight import preflight
 from replication.stages.common import hydra_entry
 
 log = logging.getLogger("replication")
 
 
-def stages_for(cfg: DictConfig, typed: dict[str, Any] | None = None) -> list[str]:
+def stages_for(cfg: DictConfig, typed: TypedConfig | None = None) -> list[str]:
     typed = typed or validate_config(cfg)
-    allowed = AUTOENCODER_STAGES if typed["root"].kind == ExperimentKind.autoencoder else STAGES
-    chosen = [s for s in STAGES if s in typed["root"].stages and s in allowed]
+    allowed = AUTOENCODER_STAGES if typed.root.kind == ExperimentKind.autoencoder else STAGES
+    chosen = [s for s in STAGES if s in typed.root.stages and s in allowed]
     return chosen
 
 

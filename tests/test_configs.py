@@ -1,13 +1,15 @@
 """Every experiment composes, validates against the schemas and builds its real objects; configs are strict."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from replication.config import ConfigError, validate_config
+from replication.config import GROUPS, ConfigError, validate_config
+from replication.models.unet_config import UNetConfig
 from replication.stages.common import CONFIG_DIR, compose
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -27,7 +29,7 @@ def test_every_paper_row_has_an_experiment_file():
 def test_experiment_composes_and_validates(name):
     cfg = compose([f"experiment={name}"])
     typed = validate_config(cfg)
-    assert typed["root"].name == name
+    assert typed.root.name == name
     text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
     assert text.startswith("# @package _global_\n#"), "each experiment opens with a comment naming its table row"
 
@@ -43,9 +45,9 @@ def test_experiment_instantiates_real_objects(name):
     with torch.device("meta"):
         unet = build_unet(typed)
         first = build_first_stage(typed)
-    assert typed["unet"].in_channels == first.latent_channels == typed["unet"].out_channels
-    schedule = typed["diffusion"].make_schedule()
-    assert schedule.num_timesteps == typed["diffusion"].timesteps
+    assert typed.unet.in_channels == first.latent_channels == typed.unet.out_channels
+    schedule = typed.diffusion.make_schedule()
+    assert schedule.num_timesteps == typed.diffusion.timesteps
 
 
 def test_dvc_experiment_lists_match_files():
@@ -53,7 +55,17 @@ def test_dvc_experiment_lists_match_files():
     assert sorted(lists["all_experiments"]) == EXPERIMENTS
     assert sorted(lists["ldm_experiments"] + lists["ae_experiments"]) == EXPERIMENTS
     for name in lists["ae_experiments"]:
-        assert validate_config(compose([f"experiment={name}"]))["root"].kind.value == "autoencoder"
+        assert validate_config(compose([f"experiment={name}"])).root.kind.value == "autoencoder"
+
+
+def test_the_typed_config_has_one_attribute_per_group():
+    typed = validate_config(compose(["experiment=smoke"]))
+    assert tuple(f.name for f in dataclasses.fields(typed)) == ("root", *GROUPS)
+    assert isinstance(typed.unet, UNetConfig) and typed["unet"] is typed.unet
+    with pytest.raises(KeyError, match="no config group 'unett'"):
+        typed["unett"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        typed.unet = typed.unet
 
 
 def test_unknown_top_level_key_is_rejected_with_its_name():
@@ -95,7 +107,7 @@ def test_compile_modes_are_checked_when_the_config_is_read(key):
     with pytest.raises(ConfigError, match=rf"{key}.*reduce-overhead.*'reduce_overhead'"):
         validate_config(compose(["experiment=smoke", f"{key}=reduce_overhead"]))
     typed = validate_config(compose(["experiment=smoke", f"{key}=reduce-overhead"]))
-    section = typed["trainer"] if key.startswith("trainer.") else typed["root"].sampling_speed
+    section = typed.trainer if key.startswith("trainer.") else typed.root.sampling_speed
     assert section.compile_mode == "reduce-overhead"
 
 
@@ -120,7 +132,7 @@ def test_experiments_train_with_the_papers_batch_and_learning_rate(name):
     from replication.diffusion.lr_schedule import effective_lr
 
     typed = validate_config(compose([f"experiment={name}"]))
-    trainer, paper = typed["trainer"], typed["root"].paper_protocol
+    trainer, paper = typed.trainer, typed.root.paper_protocol
     assert paper.train_global_batch is not None and paper.train_lr is not None, name
     assert trainer.batch_size * trainer.accumulate_grad_batches == paper.train_global_batch
     lr = effective_lr(trainer.base_lr, trainer.batch_size, 1, trainer.accumulate_grad_batches, trainer.scale_lr)

@@ -23,14 +23,14 @@ DEMO = "smoke_demo"
 
 def test_demo_config_composes_with_its_tuned_settings():
     typed = validate_config(compose([f"experiment={DEMO}"]))
-    root, dataset, ae, trainer = typed["root"], typed["dataset"], typed["autoencoder"], typed["trainer"]
+    root, dataset, ae, trainer = typed.root, typed.dataset, typed.autoencoder, typed.trainer
     assert root.name == DEMO and not root.comparable
     assert dataset.family.value == "builtin" and dataset.builtin.style == "simple"
     assert ae.kind.value == "kl" and 2 ** (len(ae.ddconfig.ch_mult) - 1) == 4  # f = 4: 32x32 images, 8x8 latent
     assert ae.loss.perceptual_weight == 0 and ae.loss.disc_start > ae.train.steps  # L1 + KL only
     assert trainer.ema_decay <= 0.99  # averages over ~100 steps, not the paper's ~10k
     assert 0 < trainer.eval_every < trainer.steps and trainer.eval_num_samples > 0  # FID-vs-steps snapshots
-    smoke = validate_config(compose(["experiment=smoke"]))["dataset"]
+    smoke = validate_config(compose(["experiment=smoke"])).dataset
     assert smoke.builtin.style == "full"  # the smoke data is the default style, unchanged
 
 
@@ -77,7 +77,7 @@ def test_demo_dataset_prepares_the_simple_style(tmp_path):
 
     typed = validate_config(compose([f"experiment={DEMO}", *_demo_overrides(tmp_path), "dataset.builtin.num_train=6",
                                      "dataset.builtin.num_val=2"]))
-    cfg = validate_dataset_cfg(typed["dataset"])
+    cfg = validate_dataset_cfg(typed.dataset)
     prepare_dataset(cfg, "val", progress=False)
     got = open_prepared(cfg, "val").get_batch(np.arange(2))
     np.testing.assert_array_equal(got, make_builtin_images(2, 32, seed=0, start=6, style="simple"))
@@ -104,8 +104,8 @@ def test_demo_learns_within_five_minutes(tmp_path):
 
     typed = validate_config(compose([f"experiment={DEMO}", *_demo_overrides(tmp_path)]))
     run_dir = tmp_path / "runs" / DEMO
-    prepare_dataset(typed["dataset"], "val", progress=False)  # an LDM run prepares train (the FID reference) only
-    val = open_prepared(typed["dataset"], "val")
+    prepare_dataset(typed.dataset, "val", progress=False)  # an LDM run prepares train (the FID reference) only
+    val = open_prepared(typed.dataset, "val")
     batch = val.get_batch(np.arange(len(val)))
     model = load_first_stage(run_dir, typed, torch.device("cpu"))
     with torch.no_grad():

@@ -39,7 +39,7 @@ def closed_port() -> int:
 
 def _dataset(name: str, tmp: Path, port: int):
     cfg = validate_config(compose([f"dataset={name}", f"data_root={tmp / 'data'}",
-                                   f"runs_root={tmp / 'runs'}"]))["dataset"]
+                                   f"runs_root={tmp / 'runs'}"])).dataset
     for f in cfg.download.files:
         if f.url:
             f.url = f"http://127.0.0.1:{port}/{f.name}"

@@ -25,7 +25,7 @@ def _fake_original_checkpoint(path, betas_scale: float = 1.0):
     sd.update({f"model_ema.{shadow_name('diffusion_model.' + k)}": v for k, v in ema.items()})
     sd.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1234)})
     sd.update({f"first_stage_model.{k}": v for k, v in first.state_dict().items()})
-    sd["betas"] = typed["diffusion"].make_schedule().betas.float() * betas_scale
+    sd["betas"] = typed.diffusion.make_schedule().betas.float() * betas_scale
     sd["scale_factor"] = torch.tensor(0.75)
     torch.save({"state_dict": sd, "global_step": 5, "epoch": 1}, path)
     return ema, first.state_dict()

@@ -614,6 +614,6 @@ def test_table_precision_is_in_the_sample_stage_fingerprint(tmp_path):
 
     cfgs = {p: compose(["experiment=smoke", f"runs_root={tmp_path}", f"sampler.table_precision={p}"])
             for p in ("float32", "float64")}
-    assert validate_config(cfgs["float64"])["sampler"].table_precision == "float64"
+    assert validate_config(cfgs["float64"]).sampler.table_precision == "float64"
     assert fingerprint("sample", cfgs["float32"]) != fingerprint("sample", cfgs["float64"])
     assert fingerprint("train_ldm", cfgs["float32"]) == fingerprint("train_ldm", cfgs["float64"])

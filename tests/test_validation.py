@@ -53,7 +53,7 @@ def test_run_names_must_be_plain_identifiers(smoke_cfg, key, value):
 
 def test_plain_names_are_accepted(smoke_cfg):
     typed = validate_config(_with(smoke_cfg, name="churches_eta1", reuse_from="ldm-4.v2"))
-    assert (typed["root"].name, typed["root"].reuse_from) == ("churches_eta1", "ldm-4.v2")
+    assert (typed.root.name, typed.root.reuse_from) == ("churches_eta1", "ldm-4.v2")
     assert all(is_plain_name(v) for v in ("smoke", "0", "a.b", "A_b-1")) and not is_plain_name(None)
 
 
@@ -103,8 +103,8 @@ def test_every_section_refuses_non_finite_floats(smoke_cfg):
     and the last float of every section that has floats (the smoke dataset and metrics sections have none)."""
     typed = validate_config(smoke_cfg)
     base = OmegaConf.to_container(smoke_cfg, resolve=True)
-    per_section = {group: [f"{group}.{p}" for p in _float_leaves(to_container(typed[group]))] for group in GROUP_NAMES}
-    per_section["<root>"] = list(_float_leaves(to_container(typed["root"])))
+    per_section = {group: [f"{group}.{p}" for p in _float_leaves(to_container(getattr(typed, group)))] for group in GROUP_NAMES}
+    per_section["<root>"] = list(_float_leaves(to_container(typed.root)))
     assert {g for g, paths in per_section.items() if paths} == {"autoencoder", "unet", "diffusion", "sampler",
                                                                  "trainer", "<root>"}
     bad_values = iter([math.nan, math.inf, -math.inf] * 10)

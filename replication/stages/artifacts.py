@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from replication.config import ConditioningKind, TypedConfig
 from replication.training.checkpoint import check_state_dict_fits
 from replication.utils.io import ArtifactError, load_tensors, read_json
 
@@ -22,13 +23,13 @@ METRICS_FILE = "metrics.json"
 RECON_METRICS_FILE = "recon_metrics.json"
 
 
-def build_first_stage(typed: dict[str, Any]) -> torch.nn.Module:
+def build_first_stage(typed: TypedConfig) -> torch.nn.Module:
     from replication.models.autoencoder import build_autoencoder
 
-    return build_autoencoder(typed["autoencoder"])
+    return build_autoencoder(typed.autoencoder)
 
 
-def load_first_stage(run_dir: Path, typed: dict[str, Any], device: torch.device) -> torch.nn.Module:
+def load_first_stage(run_dir: Path, typed: TypedConfig, device: torch.device) -> torch.nn.Module:
     model = build_first_stage(typed)
     path = run_dir / AE_WEIGHTS
     if any(True for _ in model.parameters()):
@@ -40,30 +41,27 @@ def load_first_stage(run_dir: Path, typed: dict[str, Any], device: torch.device)
     return model.to(device).eval().requires_grad_(False)
 
 
-def build_unet(typed: dict[str, Any]) -> torch.nn.Module:
+def build_unet(typed: TypedConfig) -> torch.nn.Module:
     """The denoiser eps(x, t[, y]); class_embed experiments wrap the U-Net with the original's ClassEmbedder."""
-    from replication.config import ConditioningKind
     from replication.models.unet_config import build_unet as build_unet_model
 
-    unet = build_unet_model(typed["unet"])
-    cond = typed["root"].conditioning
+    unet = build_unet_model(typed.unet)
+    cond = typed.root.conditioning
     if cond.kind == ConditioningKind.class_embed:
         from replication.models.conditioning import ClassConditionalUNet, ClassEmbedder
 
-        if not typed["unet"].context_dim:
+        if not typed.unet.context_dim:
             raise ArtifactError("conditioning.kind=class_embed needs a U-Net with context_dim (cross-attention)")
-        return ClassConditionalUNet(unet, ClassEmbedder(typed["unet"].context_dim, n_classes=cond.n_embed_classes))
+        return ClassConditionalUNet(unet, ClassEmbedder(typed.unet.context_dim, n_classes=cond.n_embed_classes))
     return unet
 
 
-def num_label_classes(typed: dict[str, Any]) -> int | None:
+def num_label_classes(typed: TypedConfig) -> int | None:
     """How many real classes the denoiser is conditioned on (None: unconditional)."""
-    from replication.config import ConditioningKind
-
-    cond = typed["root"].conditioning
+    cond = typed.root.conditioning
     if cond.kind == ConditioningKind.none:
-        if typed["unet"].num_classes:
-            raise ArtifactError(f"unet.num_classes={typed['unet'].num_classes} but conditioning.kind=none; "
+        if typed.unet.num_classes:
+            raise ArtifactError(f"unet.num_classes={typed.unet.num_classes} but conditioning.kind=none; "
                                 "set conditioning.kind=class_label")
         return None
     return cond.num_classes
@@ -77,7 +75,7 @@ def load_unet_weights(unet: torch.nn.Module, path: Path) -> None:
     unet.load_state_dict(state)
 
 
-def load_ldm(run_dir: Path, typed: dict[str, Any], device: torch.device, weights: str | Path | None = None,
+def load_ldm(run_dir: Path, typed: TypedConfig, device: torch.device, weights: str | Path | None = None,
              use_ema: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     unet = build_unet(typed)
     path = Path(weights) if weights else run_dir / (LDM_EMA if use_ema else LDM_RAW)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from replication.config import GROUPS, to_container, validate_config
+from replication.config import GROUPS, TypedConfig, to_container, validate_config
 from replication.stages.lock import FolderBusy, folder_lock
 from replication.utils.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_json
 from replication.utils.errors import first_line
@@ -62,7 +62,7 @@ class StageError(RuntimeError):
 class StageContext:
     name: str
     cfg: DictConfig
-    typed: dict[str, Any]
+    typed: TypedConfig
     run_dir: Path
     stage_dir: Path
     device: torch.device
@@ -72,7 +72,7 @@ class StageContext:
 
     @property
     def root(self) -> Any:
-        return self.typed["root"]
+        return self.typed.root
 
     def stats(self, **record: Any) -> None:
         """Append one record to the stage's append-only stats.jsonl (rank 0 only under torchrun/srun)."""
@@ -298,7 +298,7 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
     from replication.training.distributed import init_distributed
 
     typed = validate_config(cfg)
-    root = typed["root"]
+    root = typed.root
     run_dir = run_dir_for(cfg)
     stage_dir = run_dir / stage
     forced = "all" in root.force or stage in root.force
@@ -321,11 +321,11 @@ def execute(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str
         return _decide_and_run(stage, cfg, body, typed, run_dir, stage_dir, forced, device, dist)
 
 
-def _decide_and_run(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str, Any]], typed: dict[str, Any],
+def _decide_and_run(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str, Any]], typed: TypedConfig,
                     run_dir: Path, stage_dir: Path, forced: bool, device: torch.device, dist: Any) -> dict[str, Any]:
     from replication.training.distributed import broadcast_from_main
 
-    root = typed["root"]
+    root = typed.root
     decision: Any = None
     if dist.is_main:
         try:
@@ -419,9 +419,9 @@ def _on_rank0(stage: str, dist: Any, stage_dir: Path, run: Callable[[], dict[str
     return result
 
 
-def _run_stage(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str, Any]], typed: dict[str, Any],
+def _run_stage(stage: str, cfg: DictConfig, body: Callable[[StageContext], dict[str, Any]], typed: TypedConfig,
                run_dir: Path, device: torch.device, dist: Any) -> dict[str, Any]:
-    root = typed["root"]
+    root = typed.root
     stage_dir = run_dir / stage
     handler = _setup_logging(stage_dir, dist.rank)
     if root.cpu_threads:

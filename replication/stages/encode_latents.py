@@ -18,10 +18,10 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.data.latents import encode_to_cache
     from replication.data.prepare import open_prepared
 
-    dataset = ctx.typed["dataset"]
-    if ctx.typed["trainer"].pretrained:
+    dataset = ctx.typed.dataset
+    if ctx.typed.trainer.pretrained:
         return {"mode": "not needed: trainer.pretrained imports the LDM instead of training it", "outputs": []}
-    if not ctx.typed["trainer"].use_latent_cache:
+    if not ctx.typed.trainer.use_latent_cache:
         return {"mode": "disabled (trainer.use_latent_cache=false): train_ldm encodes on the fly", "outputs": []}
     images = open_prepared(dataset, "train")
     ctx.record_input(images.card_path)
@@ -32,16 +32,16 @@ def _body(ctx: StageContext) -> dict[str, Any]:
 
     from replication.utils.transfer import to_device
 
-    pin = ctx.typed["trainer"].pin_memory
+    pin = ctx.typed.trainer.pin_memory
 
     @torch.no_grad()
     def encode_fn(x: torch.Tensor) -> torch.Tensor:
         return model.encode_moments(to_device(x, ctx.device, pin)).cpu()
 
     # the encoder at full image resolution is far heavier than a U-Net step: cap its batch (memory only)
-    card = encode_to_cache(encode_fn, images, out, batch_size=min(ctx.typed["trainer"].batch_size, 64),
+    card = encode_to_cache(encode_fn, images, out, batch_size=min(ctx.typed.trainer.batch_size, 64),
                            flips=dataset.flip_train, progress=ctx.progress,
-                           extra_card={"autoencoder": ctx.typed["autoencoder"].name,
+                           extra_card={"autoencoder": ctx.typed.autoencoder.name,
                                        "autoencoder_sha256": ctx.inputs.get(str(ctx.run_dir / AE_WEIGHTS))})
     return {"latents": str(out), "card": card, "outputs": [out]}
 

@@ -28,7 +28,7 @@ def build_feature_extractor(ctx: StageContext):
     weights fall back to the labelled stand-in, loudly."""
     from replication.metrics.features import WeightsNotFoundError, build_extractor
 
-    m = ctx.typed["metrics"]
+    m = ctx.typed.metrics
     weights = m.inception_weights if m.feature_extractor == "inception-v3-compat" else m.vgg16_weights
     try:
         return build_extractor(m.feature_extractor, weights, ctx.device, allow_standin=m.allow_standin)
@@ -52,7 +52,7 @@ def reference_stats(ctx: StageContext, extractor):
     from replication.data.prepare import REFERENCE, open_prepared
     from replication.metrics.reference import load_or_compute_reference
 
-    dataset, m = ctx.typed["dataset"], ctx.typed["metrics"]
+    dataset, m = ctx.typed.dataset, ctx.typed.metrics
     images = open_prepared(dataset, REFERENCE)
     images_list, spec_hash, splits = [images], images.spec_hash, [dataset.fid_reference.value]
     ctx.record_input(images.card_path)
@@ -95,9 +95,9 @@ def _fid(feats: dict[str, torch.Tensor], ref) -> float:
 def _steps_run(ctx: StageContext, steps: int) -> int:
     from replication.diffusion.ddim import ddim_timesteps
 
-    s = ctx.typed["sampler"]
+    s = ctx.typed.sampler
     if str(s.kind) in ("ddim", "plms"):
-        return int(len(ddim_timesteps(steps, ctx.typed["diffusion"].timesteps, s.spacing)))
+        return int(len(ddim_timesteps(steps, ctx.typed.diffusion.timesteps, s.spacing)))
     return steps
 
 
@@ -120,7 +120,7 @@ def _reasons(ctx: StageContext, extra: list[str]) -> list[str]:
 def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
     from replication.metrics.evaluate import evaluate_samples
 
-    m, sampler = ctx.typed["metrics"], ctx.typed["sampler"]
+    m, sampler = ctx.typed.metrics, ctx.typed.sampler
     extractor = build_feature_extractor(ctx)
     ref, spec_hash = reference_stats(ctx, extractor)
     samples_dir = ctx.run_dir / SAMPLES_DIR
@@ -157,7 +157,7 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
                 "ema": bool(ldm_meta.get("ema")), "train_steps": ldm_meta.get("steps"),
                 "train_precision": ldm_meta.get("precision", "imported" if ldm_meta.get("imported") else None),
                 **_training_batch(ldm_meta),
-                "autoencoder": ctx.typed["autoencoder"].name, "scale_factor": ldm_meta.get("scale_factor"),
+                "autoencoder": ctx.typed.autoencoder.name, "scale_factor": ldm_meta.get("scale_factor"),
                 "sample_seed": sampler.seed, "notes": res["notes"]}
     reasons = _reasons(ctx, res["not_comparable_reasons"])
     metrics = {"schema_version": SCHEMA_VERSION, "experiment": ctx.root.name,
@@ -181,17 +181,17 @@ def first_stage_psnr(ctx: StageContext) -> dict[str, Any]:
     from replication.data.prepared import to_model_input
     from replication.metrics.reconstruction import psnr, summarize
 
-    images = open_prepared(ctx.typed["dataset"], REFERENCE)
+    images = open_prepared(ctx.typed.dataset, REFERENCE)
     model = load_first_stage(ctx.run_dir, ctx.typed, ctx.device)
     n, values = min(len(images), FIRST_STAGE_PSNR_IMAGES), []
     with torch.no_grad():
-        for start in range(0, n, ctx.typed["metrics"].batch_size):
-            batch = images.get_batch(np.arange(start, min(n, start + ctx.typed["metrics"].batch_size)))
+        for start in range(0, n, ctx.typed.metrics.batch_size):
+            batch = images.get_batch(np.arange(start, min(n, start + ctx.typed.metrics.batch_size)))
             x_rec, _ = model(to_model_input(batch).to(ctx.device), sample_posterior=False)
             orig = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
             values.extend(psnr(orig, to_uint8(x_rec).cpu()).tolist())
     return {**summarize(values), "unit": "dB", "images": n,
-            "split": f"reference set ({ctx.typed['dataset'].fid_reference.value})"}
+            "split": f"reference set ({ctx.typed.dataset.fid_reference.value})"}
 
 
 def train_loss_curve(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -229,7 +229,7 @@ def _evaluate_autoencoder(ctx: StageContext) -> dict[str, Any]:
     from replication.metrics.reconstruction import ReconstructionAccumulator
     from replication.metrics.streaming import FeatureAccumulator
 
-    m, dataset = ctx.typed["metrics"], ctx.typed["dataset"]
+    m, dataset = ctx.typed.metrics, ctx.typed.dataset
     extractor = build_feature_extractor(ctx)
     split = REFERENCE  # Tab. 8 evaluates on ImageNet-val: the dataset config names the split (fid_reference)
     images = open_prepared(dataset, split)
@@ -253,7 +253,7 @@ def _evaluate_autoencoder(ctx: StageContext) -> dict[str, Any]:
             rec_acc.add(rec)
     res = evaluate_reconstructions(orig_acc.result(), rec_acc.result(), recon.per_image(), m, extractor, lpips_standin)
     reasons = _reasons(ctx, res["not_comparable_reasons"])
-    return {"schema_version": SCHEMA_VERSION, "experiment": ctx.root.name, "autoencoder": ctx.typed["autoencoder"].name,
+    return {"schema_version": SCHEMA_VERSION, "experiment": ctx.root.name, "autoencoder": ctx.typed.autoencoder.name,
             "f": int(getattr(model, "downsampling_factor", 1)), "comparable": not reasons,
             "not_comparable_reasons": reasons, "metrics": res["metrics"], "n_images": res["n_images"],
             "paper": {"name": ctx.root.paper.name} if ctx.root.paper.name else None,  # key into autoencoders.csv
@@ -263,7 +263,7 @@ def _evaluate_autoencoder(ctx: StageContext) -> dict[str, Any]:
 def _lpips(ctx: StageContext):
     from replication.metrics.reconstruction import build_lpips
 
-    m = ctx.typed["metrics"]
+    m = ctx.typed.metrics
     metric = build_lpips(m.lpips_vgg_weights, allow_standin=m.allow_standin, device=ctx.device)
     return metric, bool(metric.is_standin)
 

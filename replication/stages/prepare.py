@@ -14,7 +14,7 @@ STAGE = "prepare"
 def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.data.prepare import REFERENCE, prepare_dataset, reference_splits
 
-    dataset = ctx.typed["dataset"]
+    dataset = ctx.typed.dataset
     result: dict[str, Any] = {"dataset": dataset.name, "splits": {}}
     outputs = []
     # train (training preprocessing), the splits behind the FID reference set, and the reference set itself

@@ -59,7 +59,7 @@ def _training_grid(ctx: StageContext, reports: Path, count: int) -> Path:
     from replication.report.build import FIG_TRAIN_IMAGES, FIGURES_DIR, figure_name
     from replication.report.figures import sample_grid
 
-    images = open_prepared(ctx.typed["dataset"], "train")
+    images = open_prepared(ctx.typed.dataset, "train")
     path = reports / FIGURES_DIR / figure_name(ctx.root.name, FIG_TRAIN_IMAGES)
     sample_grid(images.get_batch(np.arange(min(count, len(images)))), path, nrow=8,
                 title=f"{ctx.root.name}: training images (first {min(count, len(images))} of {len(images)})")

@@ -270,7 +270,7 @@ def _samples_key(ctx: StageContext):
     ae_done = ctx.run_dir / "train_autoencoder" / "done.json"
     weights = stage_content_id(read_json(done)) if done.exists() else None
     decoder = stage_content_id(read_json(ae_done)) if ae_done.exists() else None
-    sampler = {k: v for k, v in to_container(ctx.typed["sampler"]).items() if k not in ("batch_size", "num_samples")}
+    sampler = {k: v for k, v in to_container(ctx.typed.sampler).items() if k not in ("batch_size", "num_samples")}
     base = {"weights": weights, "decoder": decoder, "sampler": sampler, "precision": ctx.root.sampling_speed.precision.value,
             "shard_size": ctx.root.sample_shard_size, "conditioning": to_container(ctx.root.conditioning)}
     return lambda steps, what: sha256_json({**base, "steps": steps, "what": what})
@@ -279,7 +279,7 @@ def _samples_key(ctx: StageContext):
 def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.training.distributed import init_distributed, local_device
 
-    sampler, root = ctx.typed["sampler"], ctx.root
+    sampler, root = ctx.typed.sampler, ctx.root
     dist = init_distributed(ctx.device)
     device = local_device(ctx.device, dist)
     ctx.record_input(ctx.run_dir / LDM_EMA)
@@ -303,7 +303,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     # Fig. 6: FID against training steps, from EMA snapshots written during training
     snapshots = []
     snap_dir = ctx.run_dir / LDM_SNAPSHOTS
-    n_eval = ctx.typed["trainer"].eval_num_samples
+    n_eval = ctx.typed.trainer.eval_num_samples
     for snap in sorted(snap_dir.glob("step_*.safetensors")) if n_eval > 0 else []:
         step = int(snap.stem.split("_")[1])
         gen.load_weights(snap)  # the main samples and Fig. 7 curves are done: reuse the (compiled) generator

@@ -30,7 +30,7 @@ def _resume_key(ctx: StageContext) -> str:
     prepared data's run id: a checkpoint of another configuration is not resumed (see load_resumable_state)."""
     from replication.stages.common import resume_key
 
-    cfg = to_container(ctx.typed["autoencoder"])
+    cfg = to_container(ctx.typed.autoencoder)
     cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("steps", "log_every", "ckpt_every")}
     return resume_key(STAGE, ctx.cfg, {"autoencoder": cfg, "seed": ctx.root.seed})
 
@@ -38,7 +38,7 @@ def _resume_key(ctx: StageContext) -> str:
 def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.data.prepare import open_prepared
 
-    ae_cfg = ctx.typed["autoencoder"]
+    ae_cfg = ctx.typed.autoencoder
     model = build_first_stage(ctx.typed)
     out = ctx.run_dir / AE_WEIGHTS
     has_params = any(True for _ in model.parameters())
@@ -59,7 +59,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         from replication.models.losses import AutoencoderLoss
         from replication.training.ae_trainer import train_autoencoder_loop
 
-        images = open_prepared(ctx.typed["dataset"], "train")
+        images = open_prepared(ctx.typed.dataset, "train")
         ctx.record_input(images.card_path)
         train = ae_cfg.train
         model = model.to(ctx.device)
@@ -68,7 +68,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
 
         def images_fn(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             batch = images.get_batch(indices.numpy())
-            flip = ctx.typed["dataset"].flip_train
+            flip = ctx.typed.dataset.flip_train
             x = to_model_input(batch)
             if flip:
                 mask = torch.rand(x.shape[0], generator=generator) < 0.5
@@ -80,7 +80,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
             ctx.root.seed, ctx.stage_dir / "state", ctx.stats, ctx.device, train.log_every, train.ckpt_every,
             progress=ctx.progress, train_logvar=train.train_logvar, accumulate=train.accumulate_grad_batches,
             disc_fresh_forward=train.disc_fresh_forward, resume_key=_resume_key(ctx),
-            pin_memory=ctx.typed["trainer"].pin_memory)  # the input-copy lever of all stages (trainer group)
+            pin_memory=ctx.typed.trainer.pin_memory)  # the input-copy lever of all stages (trainer group)
         result.update(mode="trained", steps=summary["step"], last_loss=summary["last_loss"], lr=lr,
                       perceptual=getattr(loss_fn, "lpips_backbone", "n/a"))
     if has_params:

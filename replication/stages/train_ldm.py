@@ -18,8 +18,8 @@ STAGE = "train_ldm"
 
 def _latent_source(ctx: StageContext, first_stage: torch.nn.Module):
     """(num_items, moments_fn(indices, generator) -> moments, labels or None, flip)."""
-    dataset = ctx.typed["dataset"]
-    if ctx.typed["trainer"].use_latent_cache:
+    dataset = ctx.typed.dataset
+    if ctx.typed.trainer.use_latent_cache:
         from replication.data.latents import LatentDataset, card_path
 
         path = ctx.run_dir / "encode_latents" / "train.latents"
@@ -61,7 +61,7 @@ def _import_pretrained(ctx: StageContext) -> dict[str, Any]:
     from replication.models.compvis import load_compvis_checkpoint, split_ldm_state
     from replication.training.checkpoint import check_state_dict_fits
 
-    typed, trainer, diffusion = ctx.typed, ctx.typed["trainer"], ctx.typed["diffusion"]
+    typed, trainer, diffusion = ctx.typed, ctx.typed.trainer, ctx.typed.diffusion
     path = Path(trainer.pretrained)
     if not path.exists():
         raise StageError(f"trainer.pretrained={path} does not exist")
@@ -91,7 +91,7 @@ def _import_pretrained(ctx: StageContext) -> dict[str, Any]:
     save_tensors(ctx.run_dir / LDM_RAW, weights, metadata={"source": str(path)})
     save_tensors(ctx.run_dir / LDM_EMA, weights, metadata={"source": str(path)})
     meta = {"scale_factor": scale, "steps": None, "imported": str(path), "ema": bool(trainer.pretrained_use_ema and parts["ema_unet"]),
-            "unet": to_container(typed["unet"]), "diffusion": to_container(diffusion),
+            "unet": to_container(typed.unet), "diffusion": to_container(diffusion),
             "num_params": sum(p.numel() for p in model.parameters())}
     atomic_write_json(ctx.run_dir / LDM_META, meta)
     return {"mode": f"imported {path}", "scale_factor": scale, "ema": meta["ema"],
@@ -109,11 +109,11 @@ RESUMABLE_TRAINER_CHANGES = frozenset({
 def _resume_key(ctx: StageContext, world_size: int) -> str:
     from replication.stages.common import resume_key
 
-    trainer = to_container(ctx.typed["trainer"])
-    unet = {k: v for k, v in to_container(ctx.typed["unet"]).items() if k != "gradient_checkpointing"}
+    trainer = to_container(ctx.typed.trainer)
+    unet = {k: v for k, v in to_container(ctx.typed.unet).items() if k != "gradient_checkpointing"}
     trajectory = {"trainer": {k: v for k, v in trainer.items() if k not in RESUMABLE_TRAINER_CHANGES},
                   "global_batch": trainer["batch_size"] * trainer["accumulate_grad_batches"] * world_size,
-                  "unet": unet, "diffusion": to_container(ctx.typed["diffusion"]), "seed": ctx.root.seed,
+                  "unet": unet, "diffusion": to_container(ctx.typed.diffusion), "seed": ctx.root.seed,
                   "conditioning": to_container(ctx.root.conditioning)}
     return resume_key(STAGE, ctx.cfg, trajectory)
 
@@ -126,7 +126,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.training.distributed import init_distributed, local_device
     from replication.training.ldm_trainer import LoopSettings, train_loop
 
-    typed, trainer, diffusion = ctx.typed, ctx.typed["trainer"], ctx.typed["diffusion"]
+    typed, trainer, diffusion = ctx.typed, ctx.typed.trainer, ctx.typed.diffusion
     if trainer.pretrained:
         return _import_pretrained(ctx)
     dist = init_distributed(ctx.device)
@@ -136,11 +136,11 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     unet = build_unet(typed).to(device)
     num_classes = num_label_classes(typed)
     if num_classes and labels is None:
-        raise StageError(f"unet.num_classes={num_classes} but dataset '{typed['dataset'].name}' has no class labels")
+        raise StageError(f"unet.num_classes={num_classes} but dataset '{typed.dataset.name}' has no class labels")
     if num_classes:
         labels = torch.as_tensor(labels, dtype=torch.long)  # numpy from the latent cache or the prepared set
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise StageError(f"dataset '{typed['dataset'].name}' has labels in [{int(labels.min())}, {int(labels.max())}] "
+            raise StageError(f"dataset '{typed.dataset.name}' has labels in [{int(labels.min())}, {int(labels.max())}] "
                              f"but conditioning.num_classes={num_classes} (labels must lie in [0, {num_classes - 1}])")
     schedule = diffusion.make_schedule()  # float64 tables on the CPU; extract() moves what a step reads
     # the U-Net only, as the release's LitEma; a cIN class embedder is used with its raw weights
@@ -219,7 +219,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         save_tensors(ctx.run_dir / LDM_EMA, ema_weights)
         meta = {"scale_factor": extra["scale_factor"], "steps": summary["step"], "lr": lr, "world_size": dist.world_size,
                 "precision": trainer.precision.value, "trainer": to_container(trainer),
-                "ema": ema is not None, "unet": to_container(typed["unet"]), "diffusion": to_container(diffusion),
+                "ema": ema is not None, "unet": to_container(typed.unet), "diffusion": to_container(diffusion),
                 "num_params": sum(p.numel() for p in unet.parameters())}
         atomic_write_json(ctx.run_dir / LDM_META, meta)
         outputs = [ctx.run_dir / LDM_EMA, ctx.run_dir / LDM_RAW, ctx.run_dir / LDM_META]
