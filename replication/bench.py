@@ -155,8 +155,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def resolve_device(spec: str) -> torch.device:
     """The stages' device rule ("auto" = CUDA when present), with the error phrased for the --device flag."""
-    from replication.stages.common import StageError
-    from replication.stages.common import resolve_device as resolve_stage_device
+    from replication.stages.context import StageError
+    from replication.stages.context import resolve_device as resolve_stage_device
 
     try:
         return resolve_stage_device(spec)
@@ -168,7 +168,7 @@ def resolve_device(spec: str) -> torch.device:
 
 def compose_typed(overrides: Sequence[str]) -> dict[str, Any]:
     from replication.config import validate_config
-    from replication.stages.common import compose
+    from replication.stages.entry import compose
 
     return validate_config(compose(list(overrides)))
 

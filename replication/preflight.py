@@ -266,7 +266,7 @@ def check_cli_overrides(argv: list[str]) -> Optional[str]:
     if any(arg.startswith("-") for arg in argv):
         return None
     from replication.config import validate_config
-    from replication.stages.common import compose
+    from replication.stages.entry import compose
 
     try:
         cfg = compose(argv)

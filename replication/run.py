@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from replication.config import AUTOENCODER_STAGES, STAGES, ExperimentKind, TypedConfig, validate_config
 from replication.preflight import preflight
-from replication.stages.common import hydra_entry
+from replication.stages.entry import hydra_entry
 
 log = logging.getLogger("replication")
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from replication.config import GROUPS, ConfigError, validate_config
 from replication.models.unet_config import UNetConfig
-from replication.stages.common import CONFIG_DIR, compose
+from replication.stages.entry import CONFIG_DIR, compose
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 PAPER_ROWS = {

@@ -15,7 +15,7 @@ import pytest
 
 from replication.config import validate_config
 from replication.data.builtin import _PALETTE, BUILTIN_STYLES, NUM_BUILTIN_CLASSES, make_builtin_images, make_builtin_labelled
-from replication.stages.common import compose
+from replication.stages.entry import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = "smoke_demo"

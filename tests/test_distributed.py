@@ -167,7 +167,7 @@ def one_process_group(tmp_path):
 
 
 def _entry_main(monkeypatch, tmp_path, run):
-    from replication.stages.common import hydra_entry
+    from replication.stages.entry import hydra_entry
 
     monkeypatch.setattr(sys, "argv", ["stage", f"hydra.run.dir={tmp_path / 'hydra'}", "hydra.output_subdir=null",
                                       "experiment=smoke"])

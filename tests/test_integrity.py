@@ -40,7 +40,7 @@ def _copy(clean: Path, dest: Path) -> Path:
 
 def _run(tmp: Path, *extra: str):
     from replication.run import run
-    from replication.stages.common import compose
+    from replication.stages.entry import compose
 
     return run(compose(["experiment=smoke", *paths_overrides(tmp), *extra]))
 

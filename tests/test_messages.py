@@ -21,7 +21,7 @@ from replication.config import validate_config
 from replication.data import download as download_module
 from replication.data.download import DownloadError, ManualDownloadRequired
 from replication.data.prepare import prepare_dataset
-from replication.stages.common import compose
+from replication.stages.entry import compose
 from replication.utils.io import ArtifactError, torch_load_safe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import torch
     from torch import nn
     from replication.diffusion.schedule import Schedule
-    from replication.stages.common import _setup_logging
+    from replication.stages.execute import setup_logging
     from replication.training.ldm_trainer import LoopSettings, train_loop
     from replication.utils.io import append_jsonl
 
@@ -169,7 +169,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     stage = Path(sys.argv[1])
     # as under Hydra: the console handler is the root logger's, on stdout; the stage adds its log.txt handler
     logging.getLogger().addHandler(logging.StreamHandler(sys.stdout))
-    _setup_logging(stage)
+    setup_logging(stage)
 
     class Tiny(nn.Module):
         def __init__(self):

@@ -72,7 +72,7 @@ def test_manifest_records_commit_versions_device_seeds_and_input_hashes(smoke_ru
 def test_second_run_skips_every_stage_and_force_reruns(smoke_run):
     tmp, _ = smoke_run
     from replication.run import run
-    from replication.stages.common import compose
+    from replication.stages.entry import compose
 
     overrides = ["experiment=smoke", *paths_overrides(tmp)]
     results = run(compose(overrides))

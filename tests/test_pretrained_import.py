@@ -12,7 +12,7 @@ from pipeline_helpers import paths_overrides, run_module
 from replication.config import validate_config
 from replication.models.ema import shadow_name
 from replication.stages.artifacts import build_first_stage, build_unet
-from replication.stages.common import compose
+from replication.stages.entry import compose
 from replication.utils.io import load_tensors
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from replication.diffusion.schedule import Schedule
-from replication.stages.common import _setup_logging
+from replication.stages.execute import setup_logging
 from replication.training.ldm_trainer import LoopSettings, train_loop
 from replication.utils.progress import ENV_INTERVAL, ProgressLog, default_interval_s, format_duration
 
@@ -104,7 +104,7 @@ class _Tiny(nn.Module):
 
 
 def _log_text(stage_dir: Path, run) -> str:
-    handler = _setup_logging(stage_dir)  # the stage's own log.txt handler on the `replication` logger
+    handler = setup_logging(stage_dir)  # the stage's own log.txt handler on the `replication` logger
     try:
         run()
     finally:

@@ -96,7 +96,7 @@ def test_killed_sampling_resumes_to_identical_images(uninterrupted, tmp_path):
     kernels block batches of different sizes differently, which can move a pixel by one grey level."""
     import shutil
 
-    from replication.stages.sample import load_samples
+    from replication.samples import load_samples
 
     shutil.copytree(uninterrupted, tmp_path / "w")
     w = tmp_path / "w"
@@ -242,7 +242,7 @@ def test_torchrun_two_processes_train_resume_and_sample(prepared, tmp_path):
     sample = ["experiment=smoke", *paths_overrides(work), "sampler.num_samples=48", "sample_shard_size=16",
               "curves.ddim_steps=[]", "trainer.eval_num_samples=0", "cpu_threads=1"]
     _torchrun("replication.stages.sample", train[1:] + sample)
-    from replication.stages.sample import load_samples
+    from replication.samples import load_samples
 
     two = load_samples(run_dir / "sample" / "samples")
     shutil.rmtree(run_dir / "sample")

@@ -102,8 +102,8 @@ def built(tmp_path_factory):
 
 def write_sample_folder(run_dir: Path, images: np.ndarray, shard_size: int = 4) -> Path:
     """A finished sample folder as the sample stage leaves it: its folder, shard names and index.json keys."""
+    from replication.samples import SHARD_PATTERN
     from replication.stages.artifacts import SAMPLES_DIR
-    from replication.stages.sample import SHARD_PATTERN
 
     out = run_dir / SAMPLES_DIR
     out.mkdir(parents=True)

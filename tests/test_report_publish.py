@@ -117,7 +117,7 @@ def test_publish_command_line(tmp_path):
 
 
 def test_report_stage_writes_under_the_runs_folder_by_default():
-    from replication.stages.common import compose
+    from replication.stages.entry import compose
 
     cfg = compose(["experiment=smoke", "runs_root=/somewhere/runs"])
     assert cfg.reports_dir == "/somewhere/runs/reports"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from replication.data.builtin import NUM_BUILTIN_CLASSES, make_builtin_images, make_builtin_labelled
-from replication.stages.sample import SHARD_PATTERN, grid_indices, load_sample_subset, load_samples
+from replication.samples import SHARD_PATTERN, grid_indices, load_sample_subset, load_samples
 from replication.utils.io import sha256_file
 
 

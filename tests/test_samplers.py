@@ -610,7 +610,8 @@ def test_run_sampler_dispatches(kind, steps, eta):
 
 def test_table_precision_is_in_the_sample_stage_fingerprint(tmp_path):
     from replication.config import validate_config
-    from replication.stages.common import compose, fingerprint
+    from replication.stages.entry import compose
+    from replication.stages.fingerprint import fingerprint
 
     cfgs = {p: compose(["experiment=smoke", f"runs_root={tmp_path}", f"sampler.table_precision={p}"])
             for p in ("float32", "float64")}

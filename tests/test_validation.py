@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from replication import preflight
 from replication.config import ConfigError, to_container, validate_config
 from replication.metrics.reference import ReferenceStats, load_or_compute_reference, stats_nbytes
-from replication.stages.common import compose
+from replication.stages.entry import compose
 from replication.utils.io import ArtifactError
 from replication.utils.paths import PathEscapeError, contained, is_plain_name
 from replication.utils.schema import check_range, non_finite_floats

@@ -159,8 +159,8 @@ def paper_label_short(key: Mapping[str, Any]) -> str:
 
 def _sample_grid_images(run_dir: Path, grid_images: int) -> tuple[np.ndarray, Path] | None:
     """The first `grid_images` samples of a finished sample folder (the sample stage's layout), or None."""
+    from replication.samples import load_sample_subset
     from replication.stages.artifacts import SAMPLES_DIR
-    from replication.stages.sample import load_sample_subset
 
     samples_dir = run_dir / SAMPLES_DIR
     if not (samples_dir / "index.json").is_file():

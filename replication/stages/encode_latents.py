@@ -9,7 +9,9 @@ import torch
 from omegaconf import DictConfig
 
 from replication.stages.artifacts import AE_WEIGHTS, load_first_stage
-from replication.stages.common import StageContext, execute, hydra_entry
+from replication.stages.context import StageContext
+from replication.stages.entry import hydra_entry
+from replication.stages.execute import execute
 
 STAGE = "encode_latents"
 

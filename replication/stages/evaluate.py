@@ -15,7 +15,9 @@ from omegaconf import DictConfig
 from replication.config import ExperimentKind, to_container
 from replication.stages.artifacts import (AE_WEIGHTS, LDM_META, METRICS_FILE, RECON_METRICS_FILE,
                                           SAMPLES_DIR, load_first_stage, to_uint8)
-from replication.stages.common import StageContext, execute, hydra_entry
+from replication.stages.context import StageContext
+from replication.stages.entry import hydra_entry
+from replication.stages.execute import execute
 from replication.utils.io import atomic_write_json, read_json
 
 STAGE = "evaluate"
@@ -77,8 +79,7 @@ def reference_source_id(images) -> str:
 def _features(shard_dir: Path, extractor, batch_size: int, progress: bool,
               png_dir: Optional[Path] = None) -> dict[str, torch.Tensor]:
     from replication.metrics.streaming import accumulate, iter_nhwc_shards
-
-    from replication.stages.sample import verified_shards
+    from replication.samples import verified_shards
 
     shards = verified_shards(shard_dir)  # the index's shards of this configuration, checked against their hashes
     total = read_json(shard_dir / "index.json")["num_samples"]

@@ -5,7 +5,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from replication.stages.common import StageContext, execute, hydra_entry
+from replication.stages.context import StageContext
+from replication.stages.entry import hydra_entry
+from replication.stages.execute import execute
 from replication.stages.lock import folder_lock
 
 STAGE = "prepare"

@@ -10,8 +10,11 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from replication.stages.artifacts import METRICS_FILE, RECON_METRICS_FILE, SAMPLES_DIR
-from replication.stages.common import StageContext, execute, hydra_entry
+from replication.samples import grid_indices, load_sample_subset
+from replication.stages.artifacts import METRICS_FILE, RECON_METRICS_FILE, SAMPLES_DIR, num_label_classes
+from replication.stages.context import StageContext
+from replication.stages.entry import hydra_entry
+from replication.stages.execute import execute
 
 STAGE = "report"
 PAPER_DIR = Path(__file__).resolve().parents[2] / "reports" / "paper"
@@ -32,8 +35,6 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     grid.unlink(missing_ok=True)  # a grid of earlier samples must not outlive them
     (reports / FIGURES_DIR / figure_name(root.name, FIG_TRAIN_IMAGES)).unlink(missing_ok=True)
     if (samples_dir / "index.json").exists():
-        from replication.stages.artifacts import num_label_classes
-        from replication.stages.sample import grid_indices, load_sample_subset
         from replication.utils.io import read_json
 
         total = int(read_json(samples_dir / "index.json")["num_samples"])

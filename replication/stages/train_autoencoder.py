@@ -9,7 +9,9 @@ from omegaconf import DictConfig
 
 from replication.config import to_container
 from replication.stages.artifacts import AE_META, AE_WEIGHTS, build_first_stage
-from replication.stages.common import StageContext, StageError, execute, hydra_entry
+from replication.stages.context import StageContext, StageError
+from replication.stages.entry import hydra_entry
+from replication.stages.execute import execute
 from replication.utils.io import atomic_write_json, load_tensors, save_tensors
 
 STAGE = "train_autoencoder"
@@ -28,7 +30,7 @@ def _import_pretrained(path: Path, model: torch.nn.Module) -> None:
 def _resume_key(ctx: StageContext) -> str:
     """Everything of the autoencoder config but the step count, logging and checkpoint cadence, the seed and the
     prepared data's run id: a checkpoint of another configuration is not resumed (see load_resumable_state)."""
-    from replication.stages.common import resume_key
+    from replication.stages.fingerprint import resume_key
 
     cfg = to_container(ctx.typed.autoencoder)
     cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("steps", "log_every", "ckpt_every")}

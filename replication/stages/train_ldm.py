@@ -10,7 +10,9 @@ from omegaconf import DictConfig
 from replication.config import Precision, to_container
 from replication.stages.artifacts import (LDM_EMA, LDM_META, LDM_RAW, LDM_SNAPSHOTS, LDM_STATE_DIR, build_unet,
                                           load_first_stage, num_label_classes)
-from replication.stages.common import StageContext, StageError, execute, hydra_entry
+from replication.stages.context import StageContext, StageError
+from replication.stages.entry import hydra_entry
+from replication.stages.execute import execute
 from replication.utils.io import atomic_write_json, save_tensors
 
 STAGE = "train_ldm"
@@ -107,7 +109,7 @@ RESUMABLE_TRAINER_CHANGES = frozenset({
 
 
 def _resume_key(ctx: StageContext, world_size: int) -> str:
-    from replication.stages.common import resume_key
+    from replication.stages.fingerprint import resume_key
 
     trainer = to_container(ctx.typed.trainer)
     unet = {k: v for k, v in to_container(ctx.typed.unet).items() if k != "gradient_checkpointing"}
