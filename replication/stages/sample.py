@@ -60,15 +60,12 @@ class Generator:
         load_unet_weights(self.unet, path)
 
     def denoiser(self, labels: Optional[torch.Tensor], guidance_scale: float):
-        from replication.diffusion.guidance import classifier_free
+        from replication.diffusion.denoiser import GuidanceError, sampling_denoiser
 
-        if labels is None:
-            return lambda x, t: self.unet_call(x, t)
-        model = lambda x, t, y: self.unet_call(x, t, y=y)  # noqa: E731
-        if self.null_class is None and guidance_scale != 1.0:
-            raise StageError("classifier-free guidance needs diffusion.null_class (1000 for class-conditional ImageNet)")
-        null = torch.full_like(labels, self.null_class if self.null_class is not None else 0)
-        return classifier_free(model, labels, null, guidance_scale)
+        try:
+            return sampling_denoiser(self.unet_call, labels, self.null_class, guidance_scale)
+        except GuidanceError as exc:
+            raise StageError(str(exc)) from None
 
     @torch.no_grad()
     def __call__(self, indices: np.ndarray, steps: int, progress: bool = False) -> np.ndarray:

@@ -1,0 +1,34 @@
+"""The sampler's denoiser eps(x_t, t) built from a network call: plain, class-conditional, or classifier-free
+guided. The sample stage and the benchmark's sampling row build it here, so both sample with the same function."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from replication.diffusion.guidance import classifier_free
+from replication.diffusion.objective import Denoiser
+
+
+class GuidanceError(ValueError):
+    """Guidance was asked for without a null class to guide against; the message names the missing setting."""
+
+
+def sampling_denoiser(call: Callable[..., torch.Tensor], labels: Optional[torch.Tensor], null_class: Optional[int],
+                      guidance_scale: float) -> Denoiser:
+    """eps(x, t) of `call(x, t)` (unconditional, `labels` None) or of `call(x, t, y=labels)` for a fixed batch of
+    class labels, guided with scale `guidance_scale` against `null_class` (the "no class" label the network was
+    trained with). Scale 1 is the plain conditional model and needs no null class; any other scale without one
+    is a GuidanceError, since guiding against a real class would sample something else without saying so."""
+    if labels is None:
+        return lambda x, t: call(x, t)
+
+    def model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return call(x, t, y=y)
+
+    if null_class is None:
+        if guidance_scale != 1.0:
+            raise GuidanceError(f"classifier-free guidance (scale {guidance_scale:g}) needs diffusion.null_class "
+                                "(1000 for class-conditional ImageNet)")
+        return classifier_free(model, labels, labels, 1.0)  # scale 1 runs the conditional branch only
+    return classifier_free(model, labels, torch.full_like(labels, null_class), guidance_scale)
