@@ -20,10 +20,11 @@ except ImportError:
 
 from replication.data.config import validate_dataset_cfg
 from replication.data.download import ManualDownloadRequired
+from replication.data.families import iter_images
 from replication.data.prepare import prepare_dataset
 from replication.data.prepared import PreparedImages
 from replication.data.preprocess import preprocess_faces, preprocess_imagenet, preprocess_lsun
-from replication.data.sources import CorruptImageError, SplitListError, iter_images
+from replication.data.sources import CorruptImageError, SplitListError
 
 RES = 8
 

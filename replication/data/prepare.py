@@ -17,8 +17,8 @@ from replication.data.download import (DownloadError, ManualDownloadRequired, do
                                        safe_extract, verify_checksum)
 from replication.data.prepared import CARD, PreparedImages, SkippedImage, write_alias, write_prepared
 from replication.data.preprocess import PreprocessSpec, crop_rng, preprocess_fn_for_spec, spec_for, spec_hash
-from replication.data.sources import (CorruptImageError, RawRecord, decode_record, downloads_hint, find_list_file,
-                                      iter_records)
+from replication.data.families import iter_records
+from replication.data.sources import CorruptImageError, RawRecord, decode_record, downloads_hint, find_list_file
 from replication.utils.io import read_json, sha256_json
 from replication.utils.verify import verify_records
 

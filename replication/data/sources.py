@@ -1,6 +1,7 @@
-"""Raw images of one split, read from each dataset's real on-disk format. A family module (lsun.py, faces.py,
-imagenet.py) turns a config and a split into `RawRecord`s; `decode_record` opens one, naming the file when it
-is corrupt or truncated. Decoding is a top-level function so prepare.py can run it in worker processes."""
+"""What every raw dataset format shares: a family module (lsun.py, faces.py, imagenet.py) turns a config and a
+split into `RawRecord`s, with the split lists read here; `decode_record` opens one, naming the file when it is
+corrupt or truncated. Decoding is a top-level function so prepare.py can run it in worker processes. Which
+family module reads a dataset is families.py's choice: this module imports none of them."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,7 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 from PIL import Image
 
-from replication.data.config import DatasetConfig, Family, Split
+from replication.data.config import DatasetConfig, Split
 from replication.utils.io import sha256_file
 
 
@@ -183,31 +184,3 @@ def split_keys(
         keys = keys[: cfg.max_images]
         origin["max_images"] = cfg.max_images
     return keys, origin
-
-
-def iter_records(cfg: DatasetConfig, split: Split | str, progress: bool = True) -> SplitRecords:
-    """Records of one split in the family's on-disk format."""
-    split = Split(split)
-    if cfg.family is Family.lsun:
-        from replication.data import lsun
-
-        return lsun.split_records(cfg, split)
-    if cfg.family is Family.ffhq:
-        from replication.data import faces
-
-        return faces.ffhq_split_records(cfg, split, progress)
-    if cfg.family is Family.celebahq:
-        from replication.data import faces
-
-        return faces.celebahq_split_records(cfg, split)
-    if cfg.family is Family.imagenet:
-        from replication.data import imagenet
-
-        return imagenet.split_records(cfg, split)
-    raise ValueError(f"family '{cfg.family.value}' has no raw files (builtin images are generated)")
-
-
-def iter_images(cfg: DatasetConfig, split: Split | str) -> Iterator[tuple[str, Image.Image]]:
-    """(key, PIL image) for each image of the split; a corrupt file raises CorruptImageError naming it."""
-    for rec in iter_records(cfg, split).records:
-        yield rec.key, decode_record(rec)
