@@ -1,4 +1,4 @@
-"""The issue-7 benchmark: it runs end to end on the smoke experiment on the CPU and writes complete results, its
+"""The throughput benchmark: it runs end to end on the smoke experiment on the CPU and writes complete results, its
 derived numbers follow from its measured ones, and its FLOP counts agree with hand counts and with the original
 networks' independently measured counts (shared/ANCHORS.md)."""
 from __future__ import annotations
@@ -13,11 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replication.bench import (MIN_TRAIN_SPEEDUP, NOISE_THRESHOLD, ORIGINAL_GFLOP, ROWS, SAMPLE_QUOTE_STEPS, TARGETS, BenchError,
-                               compose_typed, first_stage_flops, main, merge_reports, parse_args, run_bench,
-                               settings_from_args, unet_flops, verdict)
-from replication.perf import (OTHER_CATEGORY, FastPath, PeakMemory, PerfError, count_flops, matmul_peak_tflops,
-                              profile_breakdown, profile_category, time_fn)
+from replication.bench.cli import main, parse_args, settings_from_args
+from replication.bench.measurement import (OTHER_CATEGORY, MeasurementError, PeakMemory, count_flops,
+                                           matmul_peak_tflops, measure, profile_breakdown, profile_category, time_fn)
+from replication.bench.merge import merge_reports
+from replication.bench.networks import build_unet, compose_typed, first_stage_flops, unet_flops
+from replication.bench.rendering import fmt, render_markdown, row_line
+from replication.bench.rows import make_row
+from replication.bench.runner import run_bench
+from replication.bench.settings import NOISE_THRESHOLD, ROWS, SAMPLE_QUOTE_STEPS, BenchError
+from replication.bench.targets import MIN_TRAIN_SPEEDUP, ORIGINAL_GFLOP, TARGETS, target_summary, verdict
+from replication.perf import FastPath, PerfError
 
 # every lever but compile, which takes ~45 s on this CPU (see the slow test in tests/test_numerics.py)
 FAST = "bf16,channels_last,fused_adam"
@@ -134,8 +140,6 @@ def _as_gpu_report(report: dict, experiment: str, created: str, rates: dict) -> 
 
 @slow_without_native_bf16
 def test_target_summary_takes_the_fastest_run_per_target_row_and_merges_merged_files(smoke_run, tmp_path):
-    from replication.bench import target_summary
-
     cpu = json.loads((smoke_run / "smoke.json").read_text())
     slow = _as_gpu_report(cpu, "lsun_churches_ldm8", "run-a", {"train": 900.0, "sample": 20.0})
     fast = _as_gpu_report(cpu, "lsun_churches_ldm8", "run-b", {"train": 1400.0})
@@ -303,7 +307,7 @@ def test_profile_breakdown_says_where_the_time_goes():
     assert max(prof["categories"], key=prof["categories"].get) == "convolution"
     assert prof["top"][0]["name"].startswith("aten::") and prof["top"][0]["calls_per_iter"] >= 1
     assert [t["share"] for t in prof["top"]] == sorted((t["share"] for t in prof["top"]), reverse=True)
-    with pytest.raises(PerfError, match="iters >= 1"):
+    with pytest.raises(MeasurementError, match="iters >= 1"):
         profile_breakdown(lambda: None, "cpu", iters=0)
 
 
@@ -325,17 +329,15 @@ def test_bench_profile_rows_and_table(tmp_path):
 
 
 def test_a_failed_path_is_recorded_not_fatal():
-    from replication.bench import _measure, _row, render_markdown
-
     def broken() -> None:
         raise RuntimeError("inductor failed\nlong details")
 
-    failed = _measure(broken, torch.device("cpu"), warmup=1, iters=1, images_per_call=4, gflop_per_image=1.0,
+    failed = measure(broken, torch.device("cpu"), warmup=1, iters=1, images_per_call=4, gflop_per_image=1.0,
                       peak_tflops=1.0, fast=FastPath(compile=True))
     assert failed["error"] == "RuntimeError: inductor failed" and "img_per_s" not in failed
-    ok = _measure(lambda: None, torch.device("cpu"), warmup=0, iters=2, images_per_call=4, gflop_per_image=1.0,
+    ok = measure(lambda: None, torch.device("cpu"), warmup=0, iters=2, images_per_call=4, gflop_per_image=1.0,
                   peak_tflops=1.0, fast=FastPath())
-    row = _row("train", "step", 4, 1.0, ok, failed, "smoke", {"name": "CPU", "type": "cpu"})
+    row = make_row("train", "step", 4, 1.0, ok, failed, "smoke", {"name": "CPU", "type": "cpu"})
     assert row["speedup"] is None
     report = {"experiment": "smoke", "device": {"name": "CPU", "torch": torch.__version__, "threads": 1},
               "created": "now", "fast_path": "compile", "rows": [row]}
@@ -352,8 +354,6 @@ def test_a_run_cut_while_the_fast_path_compiles_keeps_the_rows_baseline(tmp_path
     import subprocess
     import sys
     import time
-
-    from replication.bench import _fmt, render_markdown
 
     out = tmp_path / "cut"
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
@@ -383,7 +383,7 @@ def test_a_run_cut_while_the_fast_path_compiles_keeps_the_rows_baseline(tmp_path
     pending = report["pending"]
     assert pending["row"] == "train" and pending["baseline"]["img_per_s"] > 0 and pending["baseline"]["error"] is None
     text = render_markdown([report])
-    assert "Row train" in text and "did not" in text and _fmt(pending["baseline"]["img_per_s"]) in text
+    assert "Row train" in text and "did not" in text and fmt(pending["baseline"]["img_per_s"]) in text
 
 
 def test_repeats_that_disagree_flag_the_row_as_noisy():
@@ -392,29 +392,93 @@ def test_repeats_that_disagree_flag_the_row_as_noisy():
     load), next to the median and the range, in the JSON, the progress line and the table."""
     import time
 
-    from replication.bench import _measure, _row, _row_line, render_markdown
-
     calls = []
 
     def slowing() -> None:  # repeat k (one call each) takes (k + 1) x 10 ms: rates 400, 200, 133 img/s
         calls.append(1)
         time.sleep(0.01 * len(calls))
 
-    noisy = _measure(slowing, torch.device("cpu"), warmup=0, iters=1, images_per_call=4, gflop_per_image=1.0,
+    noisy = measure(slowing, torch.device("cpu"), warmup=0, iters=1, images_per_call=4, gflop_per_image=1.0,
                      peak_tflops=1.0, fast=FastPath(), repeats=3)
     assert len(calls) == 3 and noisy["repeats"] == 3 and noisy["noisy"] is True
     rates = noisy["img_per_s_repeats"]
     assert rates == sorted(rates, reverse=True) and noisy["img_per_s"] == pytest.approx(4 / 0.02, rel=0.3)
     assert noisy["img_per_s"] == pytest.approx(sorted(rates)[1], rel=1e-9)  # the median repeat
     steady = dict(noisy, img_per_s=100.0, img_per_s_min=99.0, img_per_s_max=101.0, spread=0.02, noisy=False)
-    row = _row("train", "step", 4, 1.0, steady, noisy, "smoke", {"name": "CPU", "type": "cpu"})
+    row = make_row("train", "step", 4, 1.0, steady, noisy, "smoke", {"name": "CPU", "type": "cpu"})
     assert row["noisy"] is True and row["verdict"] == "no target on the CPU"
     assert row["speedup_range"] == pytest.approx([noisy["img_per_s_min"] / 101.0, noisy["img_per_s_max"] / 99.0])
     assert row["noise"].startswith("NOISY: repeats disagree (fast spread ")
-    assert "NOISY" in _row_line(row)
+    assert "NOISY" in row_line(row)
     report = {"experiment": "smoke", "device": {"name": "CPU", "torch": torch.__version__, "threads": 1},
               "created": "now", "fast_path": "none", "rows": [row]}
     table_row = next(ln for ln in render_markdown([report]).splitlines() if ln.startswith("| train |"))
     assert "| 100.0 (99.0-101.0) |" in table_row and "NOISY: repeats disagree" in table_row
-    quiet = _row("train", "step", 4, 1.0, steady, steady, "smoke", {"name": "CPU", "type": "cpu"})
-    assert quiet["noisy"] is False and quiet["noise"] is None and "NOISY" not in _row_line(quiet)
+    quiet = make_row("train", "step", 4, 1.0, steady, steady, "smoke", {"name": "CPU", "type": "cpu"})
+    assert quiet["noisy"] is False and quiet["noise"] is None and "NOISY" not in row_line(quiet)
+
+
+def test_the_sample_row_samples_with_the_sample_stages_denoiser(monkeypatch):
+    """The sampling row and the sample stage's Generator build their denoiser with the same function (guided
+    class-conditional smoke_cin: null class 3, scale 1.5), and an experiment without a null class but with a
+    guidance scale is refused by both rather than guided against class 0."""
+    import replication.diffusion.denoiser as denoiser_module
+    from replication.bench.rows import measure_sample
+    from replication.bench.settings import BenchSettings
+    from replication.diffusion.denoiser import GuidanceError
+    from replication.stages.artifacts import build_first_stage
+    from replication.stages.context import StageError
+    from replication.stages.sample import Generator
+
+    built = []
+    real = denoiser_module.sampling_denoiser
+
+    def recorded(call, labels, null_class, guidance_scale):
+        built.append((labels.tolist(), null_class, guidance_scale))
+        return real(call, labels, null_class, guidance_scale)
+
+    monkeypatch.setattr(denoiser_module, "sampling_denoiser", recorded)
+    s = BenchSettings(device=torch.device("cpu"), batch=2, sample_batch=4, ae_batch=1, feature_batch=1, iters=1,
+                      warmup=0, sample_steps=1, fast=FastPath(), repeats=1)
+    for null_class in (3, None):
+        typed = compose_typed(["experiment=smoke_cin", f"diffusion.null_class={'null' if null_class is None else 3}"])
+        torch.manual_seed(0)
+        unet = build_unet(typed)
+        generator = Generator(unet, build_first_stage(typed), 1.0, typed, torch.device("cpu"))
+        labels = torch.tensor([0, 1, 2, 0])
+        if null_class is None:
+            with pytest.raises(GuidanceError, match="null_class"):
+                measure_sample(typed, unet, FastPath(), s, gflop_step=1.0, peak=1.0)
+            with pytest.raises(StageError, match="null_class"):
+                generator.denoiser(labels, 1.5)
+            continue
+        result, final = measure_sample(typed, unet, FastPath(), s, gflop_step=1.0, peak=1.0)
+        assert result["error"] is None and final is not None
+        generator.denoiser(labels, 1.5)
+        assert built == [([0, 1, 2, 0], 3, 1.5), ([0, 1, 2, 0], 3, 1.5)]
+    assert len(built) == 4  # the refused ones were asked too
+
+
+def test_the_sampling_denoiser_guides_against_the_null_class():
+    """Scale 1 is the conditional model (no null class needed); another scale mixes in the null-class branch."""
+    from replication.diffusion.denoiser import GuidanceError, sampling_denoiser
+
+    def call(x, t, y=None):
+        return x * (1.0 if y is None else (y.float() + 1.0)[:, None])
+
+    x, t, labels = torch.ones(2, 3), torch.zeros(2, dtype=torch.long), torch.tensor([0, 2])
+    assert torch.equal(sampling_denoiser(call, None, None, 1.5)(x, t), x)
+    assert torch.equal(sampling_denoiser(call, labels, None, 1.0)(x, t), torch.tensor([[1.0] * 3, [3.0] * 3]))
+    guided = sampling_denoiser(call, labels, 5, 2.0)(x, t)  # eps_u + 2 (eps_c - eps_u), eps_u = 6
+    assert torch.equal(guided, torch.tensor([[-4.0] * 3, [0.0] * 3]))
+    with pytest.raises(GuidanceError, match="scale 2"):
+        sampling_denoiser(call, labels, None, 2.0)
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m replication.bench") and "Throughput benchmark" in text
+    assert f"more than {NOISE_THRESHOLD:.0%} of the" in text and "--merge" in text and "--profile" in text

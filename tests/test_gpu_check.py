@@ -15,7 +15,7 @@ import pytest
 from conftest import slow_without_native_bf16  # the rehearsal runs the bf16 fast path
 import torch
 
-from replication.bench import ROWS
+from replication.bench.settings import ROWS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "replication" / "gpu_check.sh"

@@ -19,7 +19,8 @@ import torch
 
 from conftest import slow_without_native_bf16  # the bf16 curve takes ~400 s where bf16 is emulated
 from replication.diffusion.ddim import ddim_loop
-from replication.perf import FastForward, FastPath, make_adamw, nonzero_init_, relative_error
+from replication.bench.measurement import nonzero_init_, relative_error
+from replication.perf import FastForward, FastPath, make_adamw
 from replication.stages.artifacts import build_unet
 from replication.training.ldm_trainer import LoopSettings, train_loop
 
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def typed():
-    from replication.bench import compose_typed
+    from replication.bench.networks import compose_typed
 
     return compose_typed(["experiment=smoke"])
 
@@ -183,7 +184,7 @@ def test_denoisers_trace_into_one_graph_for_compile(experiment):
     """torch.compile's speed needs the whole U-Net (and the class embedder) in one graph: a graph break splits
     it and, for host reads such as .item(), syncs the GPU on every step. Dynamo tracing only (no inductor), so
     this runs in seconds on the CPU; the paper U-Nets share these code paths."""
-    from replication.bench import compose_typed
+    from replication.bench.networks import compose_typed
 
     typed = compose_typed([f"experiment={experiment}"])
     model = build_unet(typed).train()

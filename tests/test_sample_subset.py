@@ -77,8 +77,8 @@ def test_generator_swaps_snapshot_weights_in_place_and_samples_as_a_fresh_one(tm
     images as a generator built with those weights, and a snapshot of another model is refused by name."""
     import torch
 
-    from replication.bench import compose_typed
-    from replication.perf import nonzero_init_
+    from replication.bench.measurement import nonzero_init_
+    from replication.bench.networks import compose_typed
     from replication.stages.artifacts import build_first_stage, build_unet
     from replication.stages.sample import Generator
     from replication.utils.io import save_tensors

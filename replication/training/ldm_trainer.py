@@ -1,5 +1,7 @@
 """The latent diffusion training loop (paper Eq. 2: L_LDM = E ||eps - eps_theta(z_t, t)||^p, with z from the
-frozen first stage) with the original's AdamW, EMA and LR rules, and exact resume.
+frozen first stage) with the original's AdamW, EMA and LR rules, and exact resume. Each optimizer step is
+training/step.py's `TrainStep.step`, the step the benchmark times; this module draws the data, logs, checkpoints
+and stops.
 
 All randomness of a step (data order, posterior noise, t, eps, label dropout) comes from one seeded
 torch.Generator whose state travels in the full-state checkpoint, so a resumed run is bit-identical on
@@ -10,15 +12,16 @@ from __future__ import annotations
 import logging
 import math
 import signal
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from replication.diffusion.objective import diffusion_loss, sample_timesteps
+from replication.diffusion.objective import sample_timesteps
 from replication.diffusion.schedule import Schedule
+from replication.perf import FastPath
+from replication.training import step as train_step
 from replication.training.checkpoint import (RESUME_KEY, check_state_dict_fits, describe_kept, load_resumable_state, rng_state, save_state,
                                               set_rng_state)
 from replication.training.distributed import DistInfo
@@ -68,6 +71,11 @@ class LoopSettings:
     # order continues where it was, each rank's random stream is re-seeded from (seed, step, rank, world). The
     # continuation is deterministic but not the one an uninterrupted run would have taken. Off: refuse.
     allow_world_size_change: bool = False
+
+    def fast_path(self) -> FastPath:
+        """The speed levers these settings switch on, applied by training/step.py through replication.perf."""
+        return FastPath(bf16=self.bf16, channels_last=self.channels_last, compile=self.compile,
+                        fused_adam=self.fused_adam, compile_mode=self.compile_mode)
 
 
 def _reseed(seed: int, step: int, rank: int, world: int) -> int:
@@ -132,15 +140,13 @@ def train_loop(
     "extra_state"}.
     """
     extra_state = {} if extra_state is None else extra_state
-    if settings.accumulate < 1:
-        raise ValueError(f"accumulate (accumulate_grad_batches) must be >= 1, got {settings.accumulate}")
+    trainer = train_step.TrainStep(
+        model, ema, schedule, settings.loss_type, settings.fast_path(), device, lr=settings.lr,
+        betas=settings.adam_betas, weight_decay=settings.weight_decay, lr_lambda=settings.lr_lambda,
+        grad_clip=settings.grad_clip, accumulate=settings.accumulate,
+        ema_every_micro_batch=settings.ema_every_micro_batch)
+    optimizer, scheduler = trainer.optimizer, trainer.scheduler
     generator = torch.Generator().manual_seed(settings.seed * dist.world_size + dist.rank)
-    if settings.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.adam_betas,
-                                  weight_decay=settings.weight_decay,
-                                  **({"fused": True} if settings.fused_adam and device.type == "cuda" else {}))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.lr_lambda)
     order = DataOrder(num_items, settings.batch_size, dist.rank, dist.world_size, seed=settings.seed)
     step, resumed_from = 0, None
     state = load_resumable_state(state_dir, resume_key)
@@ -177,22 +183,7 @@ def train_loop(
     if dist.is_main:  # marks where this training began, for readers of the append-only stats (loss curves)
         stats(event="train_begin", step=step, resumed_from=resumed_from)
 
-    forward_model = model
-    ddp = None
-    if dist.enabled:
-        ddp = forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if settings.compile:
-        forward_model = torch.compile(forward_model, mode=settings.compile_mode)
-
-    def denoiser_for(cond: Optional[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            xin = x_t.contiguous(memory_format=torch.channels_last) if settings.channels_last else x_t
-            if cond is None:
-                return forward_model(xin, t)
-            if cond.dtype in (torch.int64, torch.int32):
-                return forward_model(xin, t, y=cond)
-            return forward_model(xin, t, context=cond)
-        return denoise
+    trainer.wrap(distributed=dist.enabled)
 
     def full_state() -> dict[str, Any]:
         """Collective under torchrun (every rank's loop generator is gathered); only rank 0 writes it."""
@@ -205,7 +196,6 @@ def train_loop(
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "data_order": order.state_dict(), "rng": rng, "extra": extra_state, RESUME_KEY: resume_key}
 
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext())
     last_loss = math.nan
     reader = DeferredLossReader()
 
@@ -249,43 +239,29 @@ def train_loop(
                             bar=settings.progress) if dist.is_main else None)
     # the curves of stats.jsonl also as TensorBoard events in the stage folder (state_dir's parent), when installed
     curves = TrainingCurves(state_dir.parent, "train LDM", enabled=dist.is_main)
+
+    def next_micro_batch() -> train_step.MicroBatch:
+        """The next micro-batch of this rank, its draws in a fixed order from the loop generator: the data
+        order's indices, the batch (posterior noise, label dropout), t, eps."""
+        x0, cond = batch_fn(order.next(), generator)
+        x0 = to_device(x0, device, settings.pin_memory)
+        if cond is not None:
+            cond = to_device(cond, device, settings.pin_memory)
+        t = to_device(sample_timesteps(x0.shape[0], schedule.num_timesteps, generator=generator), device,
+                      settings.pin_memory)
+        noise = to_device(torch.randn(x0.shape, generator=generator), device, settings.pin_memory)
+        return train_step.MicroBatch(x0, t, noise, cond)
+
     model.train()
     with StopRequested() as stop:
         while step < target:
-            optimizer.zero_grad(set_to_none=True)
-            micro_losses = []
-            for micro in range(settings.accumulate):
-                indices = order.next()
-                x0, cond = batch_fn(indices, generator)
-                x0 = to_device(x0, device, settings.pin_memory)
-                if cond is not None:
-                    cond = to_device(cond, device, settings.pin_memory)
-                t = to_device(sample_timesteps(x0.shape[0], schedule.num_timesteps, generator=generator), device,
-                              settings.pin_memory)
-                noise = to_device(torch.randn(x0.shape, generator=generator), device, settings.pin_memory)
-                last_micro = micro == settings.accumulate - 1
-                if settings.compile:  # a new iteration for CUDA graph trees (compile modes with CUDA graphs)
-                    torch.compiler.cudagraph_mark_step_begin()
-                # DDP all-reduces gradients on the last micro-batch of a step only
-                with (ddp.no_sync() if ddp is not None and not last_micro else nullcontext()):
-                    with autocast:
-                        loss = diffusion_loss(denoiser_for(cond), x0, schedule, t, noise, settings.loss_type).mean()
-                    (loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
-                micro_losses.append(loss.detach().float())
-                if ema is not None and settings.ema_every_micro_batch and not last_micro:
-                    ema.update(model)  # on_train_batch_end of a micro-batch without an optimizer step
-            if settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
+            micro_losses = trainer.step(next_micro_batch)
             # The step's losses are read one step late (loss_reader.py): the host never waits for the GPU here.
             # Each read is checked before anything after it is written (checkpoint, snapshot), so a non-finite
             # loss still stops training with the last checkpoint on disk good.
             # With several processes, every rank stops at the same step, whichever rank got the signal: the one
             # where the flag is read (the next step, or this one where a checkpoint or snapshot flushes the read).
-            stopping = settle(push(step + 1, torch.stack(micro_losses)))
+            stopping = settle(push(step + 1, micro_losses))
             step += 1
             if progress is not None:
                 progress.update(1)
