@@ -68,17 +68,21 @@ class Generator:
             raise StageError(str(exc)) from None
 
     @torch.no_grad()
-    def __call__(self, indices: np.ndarray, steps: int, progress: bool = False) -> np.ndarray:
+    def __call__(self, indices: np.ndarray, steps: int, progress: bool = False,
+                 labels: Optional[np.ndarray] = None) -> np.ndarray:
+        """Samples `indices`, sample i from seed sampler.seed + i; `labels`: their classes (class-conditional models;
+        by default balanced, i % num_classes)."""
         from replication.diffusion.config import run_sampler
 
         sampler = dataclasses.replace(self.typed["sampler"], steps=steps)
         seeds = [sampler.seed + int(i) for i in indices]
         rng = StackedRandomGenerator(seeds, device=self.device)
         x_T = rng.randn((len(seeds), *self.latent_shape))
-        labels = None
+        y = None
         if self.num_classes:
-            labels = torch.as_tensor(indices % self.num_classes, dtype=torch.long, device=self.device)  # balanced classes
-        result = run_sampler(sampler, self.denoiser(labels, sampler.guidance_scale), x_T, self.schedule, rng=rng,
+            y = torch.as_tensor(indices % self.num_classes if labels is None else labels, dtype=torch.long,
+                                device=self.device)
+        result = run_sampler(sampler, self.denoiser(y, sampler.guidance_scale), x_T, self.schedule, rng=rng,
                              progress=progress)
         x = self.first_stage.decode(result.x / self.scale_factor)
         return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
