@@ -170,7 +170,6 @@ class RootConfig:
     choices: dict[str, str] = field(default_factory=dict)  # config-group choices, recorded for the manifest
 
 
-
 def validate_trainer_cfg(cfg: Any) -> TrainerConfig:
     trainer = merge_into_schema(TrainerConfig, cfg, "trainer")
     for key in ("steps", "batch_size", "accumulate_grad_batches", "log_every", "ckpt_every", "keep_last_ckpts"):
@@ -188,12 +187,12 @@ def validate_trainer_cfg(cfg: Any) -> TrainerConfig:
     return trainer
 
 
-def check_adam_betas(betas: list[float], key: str, error_cls: type[Exception] = ConfigError) -> None:
+def check_adam_betas(betas: list[float], key: str) -> None:
     """Adam's two decay rates, each in [0, 1) (torch.optim.Adam rejects anything else, but only at the first step)."""
     if len(betas) != 2:
-        raise error_cls(f"{key} must have two entries, got {betas}")
+        raise ConfigError(f"{key} must have two entries, got {betas}")
     for i, beta in enumerate(betas):
-        check_range(beta, f"{key}[{i}]", error_cls, low=0.0, high=1.0, high_open=True)
+        check_range(beta, f"{key}[{i}]", ConfigError, low=0.0, high=1.0, high_open=True)
 
 
 GROUPS = ("dataset", "autoencoder", "unet", "diffusion", "sampler", "metrics", "trainer")

@@ -45,7 +45,7 @@ def typed():
 def unet_and_batch(typed):
     torch.manual_seed(0)
     unet = nonzero_init_(build_unet(typed), seed=0).eval()
-    c = typed["unet"]
+    c = typed.unet
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, c.in_channels, c.image_size, c.image_size, generator=g)
     t = torch.randint(0, 1000, (8,), generator=g)
@@ -62,7 +62,7 @@ def _fast_output(unet, x, t, fast: FastPath) -> torch.Tensor:
 def test_fresh_unet_is_zero_and_nonzero_init_only_redraws_zero_weights(typed):
     torch.manual_seed(0)
     unet = build_unet(typed).eval()
-    c = typed["unet"]
+    c = typed.unet
     x, t = torch.randn(2, c.in_channels, c.image_size, c.image_size), torch.tensor([10, 500])
     with torch.no_grad():
         assert unet(x, t).abs().max().item() == 0.0  # zero_module output layer: nothing to compare yet
@@ -103,9 +103,9 @@ def test_bf16_channels_last_sampling_stays_close(typed, unet_and_batch):
     from replication.utils.rng import StackedRandomGenerator
 
     unet = unet_and_batch[0]
-    c = typed["unet"]
+    c = typed.unet
     x_T = StackedRandomGenerator(list(range(4))).randn((4, c.in_channels, c.image_size, c.image_size))
-    schedule = typed["diffusion"].make_schedule()
+    schedule = typed.diffusion.make_schedule()
     ref = ddim_loop(lambda x, t: unet(x, t), x_T, schedule, 10).x
     fast = FastForward(copy.deepcopy(unet), FastPath(bf16=True, channels_last=True), "cpu")
     out = ddim_loop(lambda x, t: fast(x, t), x_T, schedule, 10).x
@@ -142,7 +142,7 @@ def test_fused_adamw_equals_foreach_adamw(typed):
 
 def _curve(typed, tmp: Path, bf16: bool, seed: int) -> torch.Tensor:
     """Per-step losses of the real train_loop on a fixed set of random latents."""
-    c, diffusion = typed["unet"], typed["diffusion"]
+    c, diffusion = typed.unet, typed.diffusion
     g = torch.Generator().manual_seed(0)
     data = torch.randn(CURVE_ITEMS, c.in_channels, c.image_size, c.image_size, generator=g)
     torch.manual_seed(0)
@@ -153,7 +153,7 @@ def _curve(typed, tmp: Path, bf16: bool, seed: int) -> torch.Tensor:
         if record.get("event") == "train":
             losses.append(record["loss"])
 
-    settings = LoopSettings(steps=CURVE_STEPS, batch_size=CURVE_BATCH, lr=typed["trainer"].base_lr,
+    settings = LoopSettings(steps=CURVE_STEPS, batch_size=CURVE_BATCH, lr=typed.trainer.base_lr,
                             lr_lambda=lambda step: 1.0, weight_decay=0.01, adam_betas=(0.9, 0.999),
                             loss_type=diffusion.loss(), grad_clip=None, log_every=1, ckpt_every=10 * CURVE_STEPS,
                             keep_last=1, seed=seed, bf16=bf16, progress=False)
@@ -188,9 +188,9 @@ def test_denoisers_trace_into_one_graph_for_compile(experiment):
 
     typed = compose_typed([f"experiment={experiment}"])
     model = build_unet(typed).train()
-    c = typed["unet"]
+    c = typed.unet
     x = torch.randn(2, c.in_channels, c.image_size, c.image_size)
-    kwargs = {"y": torch.tensor([0, 2])} if typed["root"].conditioning.kind.value == "class_embed" else {}
+    kwargs = {"y": torch.tensor([0, 2])} if typed.root.conditioning.kind.value == "class_embed" else {}
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(x, torch.tensor([3, 500]), **kwargs)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
