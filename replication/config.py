@@ -176,13 +176,13 @@ def validate_trainer_cfg(cfg: Any) -> TrainerConfig:
         if getattr(trainer, key) < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(trainer, key)}")
     for key in ("eval_every", "eval_num_samples"):
-        check_range(getattr(trainer, key), f"trainer.{key}", ConfigError, low=0)
-    check_range(trainer.ema_decay, "trainer.ema_decay", ConfigError, low=0.0, high=1.0)
-    check_range(trainer.base_lr, "trainer.base_lr", ConfigError, low=0.0, low_open=True)
-    check_range(trainer.weight_decay, "trainer.weight_decay", ConfigError, low=0.0)
+        check_range(getattr(trainer, key), f"trainer.{key}", low=0)
+    check_range(trainer.ema_decay, "trainer.ema_decay", low=0.0, high=1.0)
+    check_range(trainer.base_lr, "trainer.base_lr", low=0.0, low_open=True)
+    check_range(trainer.weight_decay, "trainer.weight_decay", low=0.0)
     check_adam_betas(trainer.adam_betas, "trainer.adam_betas")
     if trainer.grad_clip is not None:
-        check_range(trainer.grad_clip, "trainer.grad_clip", ConfigError, low=0.0, low_open=True)
+        check_range(trainer.grad_clip, "trainer.grad_clip", low=0.0, low_open=True)
     check_compile_mode(trainer.compile_mode, "trainer.compile_mode")
     return trainer
 
@@ -192,7 +192,7 @@ def check_adam_betas(betas: list[float], key: str) -> None:
     if len(betas) != 2:
         raise ConfigError(f"{key} must have two entries, got {betas}")
     for i, beta in enumerate(betas):
-        check_range(beta, f"{key}[{i}]", ConfigError, low=0.0, high=1.0, high_open=True)
+        check_range(beta, f"{key}[{i}]", low=0.0, high=1.0, high_open=True)
 
 
 GROUPS = ("dataset", "autoencoder", "unet", "diffusion", "sampler", "metrics", "trainer")
@@ -222,17 +222,17 @@ def _check_root(root: RootConfig) -> None:
         if not getattr(root, key).strip():
             raise ConfigError(f"{key} must be a folder path, got an empty string")
     if root.cpu_threads is not None:
-        check_range(root.cpu_threads, "cpu_threads", ConfigError, low=1)
-    check_range(root.sample_shard_size, "sample_shard_size", ConfigError, low=1)
-    check_range(root.curves.num_samples, "curves.num_samples", ConfigError, low=0)
+        check_range(root.cpu_threads, "cpu_threads", low=1)
+    check_range(root.sample_shard_size, "sample_shard_size", low=1)
+    check_range(root.curves.num_samples, "curves.num_samples", low=0)
     for i, steps in enumerate(root.curves.ddim_steps):
-        check_range(steps, f"curves.ddim_steps[{i}]", ConfigError, low=1)
-    check_range(root.conditioning.num_classes, "conditioning.num_classes", ConfigError, low=1)
-    check_range(root.conditioning.n_embed_classes, "conditioning.n_embed_classes", ConfigError, low=1)
+        check_range(steps, f"curves.ddim_steps[{i}]", low=1)
+    check_range(root.conditioning.num_classes, "conditioning.num_classes", low=1)
+    check_range(root.conditioning.n_embed_classes, "conditioning.n_embed_classes", low=1)
     proto = root.paper_protocol
     for key, low, high in (("eta", 0.0, 1.0), ("guidance_scale", 0.0, None), ("train_lr", 0.0, None)):
         if getattr(proto, key) is not None:
-            check_range(getattr(proto, key), f"paper_protocol.{key}", ConfigError, low=low, high=high)
+            check_range(getattr(proto, key), f"paper_protocol.{key}", low=low, high=high)
 
 
 @dataclass(frozen=True)
@@ -248,15 +248,6 @@ class TypedConfig:
     sampler: SamplerConfig
     metrics: MetricsConfig
     trainer: TrainerConfig
-
-    def __getitem__(self, group: str) -> Any:
-        """`typed["unet"]` is `typed.unet`: a group by its name."""
-        if group not in _TYPED_FIELDS:
-            raise KeyError(f"no config group {group!r}; groups: {', '.join(_TYPED_FIELDS)}")
-        return getattr(self, group)
-
-
-_TYPED_FIELDS = tuple(f.name for f in fields(TypedConfig))
 
 
 def validate_config(cfg: DictConfig) -> TypedConfig:

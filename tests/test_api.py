@@ -62,7 +62,7 @@ def _release_layout(experiment: str, seed: int = 0, ema: bool = True, first_stag
         want["cond"] = jitter(denoiser.cond_stage_model.state_dict())
         sd.update({f"cond_stage_model.{k}": v for k, v in want["cond"].items()})
     sd.update({f"first_stage_model.{k}": v for k, v in first.items()})
-    sd["betas"] = typed["diffusion"].make_schedule().betas.float()
+    sd["betas"] = typed.diffusion.make_schedule().betas.float()
     sd["scale_factor"] = torch.tensor(0.75)
     return sd, want
 

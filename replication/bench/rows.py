@@ -229,7 +229,7 @@ def _row_sample(r: BenchRun) -> dict[str, Any]:
     gflop_step = r.counted["unet_forward"]
     base, x_b = measure_sample(r.typed, r.unet, FastPath(), r.s, gflop_step, r.peak)
     quoted = base.get("steps_quoted", SAMPLE_QUOTE_STEPS)
-    what = f"{r.typed['sampler'].kind} at {quoted} steps per image"
+    what = f"{r.typed.sampler.kind} at {quoted} steps per image"
     r.on_baseline("sample", what, r.s.sample_batch, gflop_step * quoted, base)
     fast, x_f = measure_sample(r.typed, r.unet, r.s.fast, r.s, gflop_step, r.peak)
     return make_row("sample", what, r.s.sample_batch, gflop_step * quoted, base, fast, r.experiment, r.device_info,
@@ -241,7 +241,7 @@ def _row_first_stage(r: BenchRun, what: str) -> Optional[dict[str, Any]]:
         return None  # pixel-space LDM: no first stage to time
     gflop = r.counted[what] = first_stage_flops(r.typed, what) / 1e9
     base, y_b = measure_first_stage(r.typed, r.first_stage, FastPath(), r.s, what, gflop, r.peak)
-    described = f"first stage {what} at {r.typed['autoencoder'].ddconfig.resolution}px"
+    described = f"first stage {what} at {r.typed.autoencoder.ddconfig.resolution}px"
     r.on_baseline(what, described, r.s.ae_batch, gflop, base)
     fast, y_f = measure_first_stage(r.typed, r.first_stage, r.s.fast, r.s, what, gflop, r.peak)
     return make_row(what, described, r.s.ae_batch, gflop, base, fast, r.experiment, r.device_info,

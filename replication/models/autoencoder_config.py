@@ -127,14 +127,14 @@ def _check_consistency(cfg: AutoencoderConfig, inference_only: bool = False) -> 
             fail(f"train.{key} must be >= 1, got {getattr(train, key)}")
     try:
         if train is not None:
-            check_range(train.base_lr, "train.base_lr", ValueError, low=0.0, low_open=True)
-        check_range(cfg.ddconfig.dropout, "ddconfig.dropout", ValueError, low=0.0, high=1.0, high_open=True)
+            check_range(train.base_lr, "train.base_lr", low=0.0, low_open=True)
+        check_range(cfg.ddconfig.dropout, "ddconfig.dropout", low=0.0, high=1.0, high_open=True)
         if loss is not None:
-            check_range(loss.disc_start, "loss.disc_start", ValueError, low=0)
+            check_range(loss.disc_start, "loss.disc_start", low=0)
             for key in ("kl_weight", "codebook_weight", "disc_weight", "disc_factor", "perceptual_weight"):
-                check_range(getattr(loss, key), f"loss.{key}", ValueError, low=0.0)
+                check_range(getattr(loss, key), f"loss.{key}", low=0.0)
         for i, beta in enumerate(train.adam_betas if train is not None else ()):
-            check_range(beta, f"train.adam_betas[{i}]", ValueError, low=0.0, high=1.0, high_open=True)
+            check_range(beta, f"train.adam_betas[{i}]", low=0.0, high=1.0, high_open=True)
     except ValueError as exc:
         fail(str(exc))
     dd = cfg.ddconfig

@@ -45,7 +45,7 @@ UNET_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(UNetConfig))
 def validate_unet_cfg(cfg: Mapping[str, Any] | DictConfig | UNetConfig) -> UNetConfig:
     """Check keys and types against `UNetConfig`; return the typed object. Raises ConfigError."""
     result = merge_into_schema(UNetConfig, cfg, "unet")
-    check_range(result.dropout, "unet.dropout", ConfigError, low=0.0, high=1.0, high_open=True)
+    check_range(result.dropout, "unet.dropout", low=0.0, high=1.0, high_open=True)
     return result
 
 

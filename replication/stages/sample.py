@@ -40,16 +40,16 @@ class Generator:
                  device: torch.device):
         from replication.perf import FastForward, FastPath
 
-        speed = typed["root"].sampling_speed
+        speed = typed.root.sampling_speed
         fast = FastPath(bf16=speed.precision.value == "bf16", channels_last=speed.channels_last, compile=speed.compile,
                         compile_mode=speed.compile_mode) if device.type == "cuda" else FastPath()
         self.unet, self.first_stage, self.scale_factor = unet, first_stage, scale_factor
         self.unet_call = FastForward(unet, fast, device)  # the decoder stays eager fp32
         self.typed, self.device = typed, device
-        self.schedule = typed["diffusion"].make_schedule()
+        self.schedule = typed.diffusion.make_schedule()
         self.num_classes = num_label_classes(typed)
-        self.null_class = typed["diffusion"].null_class
-        ucfg = typed["unet"]
+        self.null_class = typed.diffusion.null_class
+        ucfg = typed.unet
         self.latent_shape = (ucfg.in_channels, ucfg.image_size, ucfg.image_size)  # U-Net image_size = latent size
 
     def load_weights(self, path: Path) -> None:
@@ -74,7 +74,7 @@ class Generator:
         by default balanced, i % num_classes)."""
         from replication.diffusion.config import run_sampler
 
-        sampler = dataclasses.replace(self.typed["sampler"], steps=steps)
+        sampler = dataclasses.replace(self.typed.sampler, steps=steps)
         seeds = [sampler.seed + int(i) for i in indices]
         rng = StackedRandomGenerator(seeds, device=self.device)
         x_T = rng.randn((len(seeds), *self.latent_shape))

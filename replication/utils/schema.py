@@ -54,18 +54,18 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def check_finite(obj: Any, group: str, error_cls: type[Exception] = ConfigError) -> None:
-    """Raise `error_cls` naming every NaN or infinite float of the config section `obj` (one line): a NaN passes
+def check_finite(obj: Any, group: str) -> None:
+    """Raise ConfigError naming every NaN or infinite float of the config section `obj` (one line): a NaN passes
     every `x <= 0` style range check, and an infinite value fails only deep inside a run. `group` prefixes the
     key names; "<root>" (the top-level keys) adds no prefix."""
     bad = non_finite_floats(obj, "" if group == "<root>" else group)
     if bad:
-        raise error_cls(f"{', '.join(bad)}: config values must be finite numbers (not nan or inf)")
+        raise ConfigError(f"{', '.join(bad)}: config values must be finite numbers (not nan or inf)")
 
 
-def check_range(value: Any, key: str, error_cls: type[Exception], low: float | None = None,
+def check_range(value: Any, key: str, low: float | None = None,
                 high: float | None = None, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise `error_cls` naming `key` unless low <= value <= high (strict where `*_open`); None bounds are
+    """Raise ConfigError naming `key` unless low <= value <= high (strict where `*_open`); None bounds are
     absent. NaN is outside every range."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
     if ok and low is not None:
@@ -78,7 +78,7 @@ def check_range(value: Any, key: str, error_cls: type[Exception], low: float | N
         rule = (f"in {lo}, {hi}" if low is not None and high is not None
                 else f"{'>' if low_open else '>='} {low:g}" if low is not None
                 else f"{'<' if high_open else '<='} {high:g}")
-        raise error_cls(f"{key} must be {rule}, got {value}")
+        raise ConfigError(f"{key} must be {rule}, got {value}")
 
 
 def _merge(schema_cls: type[T], cfg: Any, group: str, prefix: str) -> T:
