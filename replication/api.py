@@ -217,9 +217,7 @@ def _from_release(path: Path, typed: TypedConfig, ema: bool):
     """(first stage, denoiser or None, scale_factor, EMA weights used) from a released checkpoint's tensors."""
     from replication.config import ExperimentKind
     from replication.models.autoencoder import load_first_stage_state
-    from replication.models.compvis import (BUFFERS, COND_STAGE, EMA_PREFIX, EMA_UNET, FIRST_STAGE_PREFIX, UNET,
-                                            UNET_PREFIX, CheckpointMismatchError, load_compvis_checkpoint, load_into,
-                                            split_ldm_state)
+    from replication.models.compvis import FIRST_STAGE_PREFIX, load_compvis_checkpoint, load_released_denoiser
     from replication.stages.artifacts import build_first_stage, build_unet
 
     sd = load_compvis_checkpoint(path)
@@ -230,35 +228,9 @@ def _from_release(path: Path, typed: TypedConfig, ema: bool):
     if typed.root.kind is ExperimentKind.autoencoder:
         return first_stage, None, 1.0, False
     denoiser = build_unet(typed)
-    unet = getattr(denoiser, "diffusion_model", denoiser)
-    parts = split_ldm_state(sd, unet_names=list(unet.state_dict()))
-    if not parts[UNET] and not parts[EMA_UNET]:
-        raise PretrainedError(f"{path} holds no {UNET_PREFIX}* tensors: not an LDM checkpoint (a first stage? "
-                              "then name a first-stage experiment)")
-    if ema and not parts[EMA_UNET]:
-        raise PretrainedError(f"{path} holds no EMA weights ({EMA_PREFIX}*): load it with ema=False")
-    load_into(unet, parts[EMA_UNET] if ema else parts[UNET], what=f"the U-Net of {path}")
-    embedder = getattr(denoiser, "cond_stage_model", None)
-    if embedder is not None:
-        load_into(embedder, parts[COND_STAGE], what=f"the class embedder of {path}")
-    elif parts[COND_STAGE]:
-        raise CheckpointMismatchError(f"{path} holds a conditioning model ({len(parts[COND_STAGE])} cond_stage_model.* "
-                                      "tensors) but the experiment builds an unconditional one: pick its experiment")
-    buffers = parts[BUFFERS]
-    if "betas" in buffers:
-        _check_schedule(buffers["betas"], typed, path)
-    scale = float(buffers["scale_factor"]) if "scale_factor" in buffers else float(typed.diffusion.scale_factor)
+    scale, _ = load_released_denoiser(sd, denoiser, typed.diffusion.make_schedule().betas, typed.diffusion.scale_factor,
+                                      str(path), use_ema=ema, require_ema=True)
     return first_stage, denoiser, scale, ema
-
-
-def _check_schedule(betas: torch.Tensor, typed: TypedConfig, path: Path) -> None:
-    """The configured noise schedule must be the one the checkpoint was trained with."""
-    ours = typed.diffusion.make_schedule().betas.double()
-    theirs = betas.double().cpu()
-    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-6, atol=1e-9):
-        raise PretrainedError(f"{path} was trained with another noise schedule ({theirs.numel()} steps, beta "
-                              f"{theirs[0].item():.6g}..{theirs[-1].item():.6g}) than the experiment's diffusion "
-                              f"config ({ours.numel()} steps, {ours[0].item():.6g}..{ours[-1].item():.6g})")
 
 
 def _from_run(run_dir: Path, typed: TypedConfig, ema: bool, device: torch.device):

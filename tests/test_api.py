@@ -136,7 +136,7 @@ def test_zoo_lists_the_release_with_sources_and_existing_experiments():
     # each named experiment builds the kind of model the row holds
     for entry in zoo.values():
         if entry.experiment:
-            kind = validate_config(compose([f"experiment={entry.experiment}"]))["root"].kind.value
+            kind = validate_config(compose([f"experiment={entry.experiment}"])).root.kind.value
             assert kind == ("autoencoder" if entry.kind == "first_stage" else "ldm"), entry
     assert {e.experiment for e in zoo.values() if e.kind == "ldm" and e.experiment} == {
         "celebahq_ldm4", "ffhq_ldm4", "lsun_churches_ldm8", "lsun_bedrooms_ldm4", "imagenet_cin_ldm4_cfg"}
@@ -292,7 +292,7 @@ def test_ema_or_raw_weights(released, smoke_model):
     raw = load_pretrained(released["root"] / "smoke.ckpt", experiment="smoke", ema=False)
     assert not raw.ema and _same_tensors(raw.unet, released["want"]["raw"])
     assert smoke_model.ema and _same_tensors(smoke_model.unet, released["want"]["ema"])
-    with pytest.raises(PretrainedError, match="holds no EMA weights.*ema=False"):
+    with pytest.raises(CheckpointMismatchError, match="holds no EMA weights.*ema=False"):
         load_pretrained(released["root"] / "smoke_noema.ckpt", experiment="smoke")
 
 
@@ -310,7 +310,7 @@ def test_a_checkpoint_of_another_model_is_refused(released, tmp_path):
     with pytest.raises(CheckpointMismatchError, match="conditioning model.*unconditional"):
         load_pretrained(_save_ckpt(tmp_path / "cond.ckpt", with_embedder), experiment="smoke")
     sd["betas"] = sd["betas"] * 1.1
-    with pytest.raises(PretrainedError, match="another noise schedule"):
+    with pytest.raises(CheckpointMismatchError, match="another noise schedule"):
         load_pretrained(_save_ckpt(tmp_path / "other.ckpt", sd), experiment="smoke")
     with pytest.raises(PretrainedError, match="name the experiment"):
         load_pretrained(released["root"] / "smoke.ckpt")

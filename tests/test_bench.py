@@ -234,10 +234,10 @@ def test_fast_path_defaults_and_parsing():
     assert FastPath.parse("all").levers() == ["bf16", "channels_last", "compile", "fused_adam"]
     assert FastPath.parse("none") == FastPath.eager_fp32() and FastPath().describe() == "eager fp32"
     assert FastPath.parse("compile:max-autotune").describe() == "compile:max-autotune"
-    paper = FastPath.from_trainer(compose_typed(["experiment=lsun_churches_ldm8"])["trainer"])
+    paper = FastPath.from_trainer(compose_typed(["experiment=lsun_churches_ldm8"]).trainer)
     assert paper.levers() == ["bf16", "channels_last", "compile", "fused_adam"]
-    assert FastPath.from_trainer(compose_typed(["experiment=smoke"])["trainer"]).levers() == []
-    graphs = compose_typed(["experiment=lsun_churches_ldm8", "trainer.compile_mode=reduce-overhead"])["trainer"]
+    assert FastPath.from_trainer(compose_typed(["experiment=smoke"]).trainer).levers() == []
+    graphs = compose_typed(["experiment=lsun_churches_ldm8", "trainer.compile_mode=reduce-overhead"]).trainer
     assert FastPath.from_trainer(graphs).describe() == "bf16+channels_last+compile:reduce-overhead+fused_adam"
     with pytest.raises(PerfError, match="'reduce_overhead'"):
         FastPath.parse("bf16,compile:reduce_overhead")

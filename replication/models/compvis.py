@@ -238,6 +238,42 @@ def split_ldm_state(sd: Mapping[str, torch.Tensor], unet_names: Iterable[str] | 
     return out
 
 
+def load_released_denoiser(sd: Mapping[str, torch.Tensor], denoiser: nn.Module, betas: torch.Tensor,
+                           default_scale_factor: float, what: str, use_ema: bool = True,
+                           require_ema: bool = False) -> tuple[float, bool]:
+    """Load a released LDM checkpoint's U-Net (EMA or raw) and conditioning weights into `denoiser` (a U-Net, or a
+    conditional wrapper holding `diffusion_model` and `cond_stage_model`), names and shapes checked; refuse a
+    checkpoint trained with another noise schedule than `betas`. Returns (scale_factor, EMA weights used): the
+    checkpoint's stored scale_factor where it has one, else `default_scale_factor`. Without EMA tensors the raw
+    U-Net is used, unless `require_ema`."""
+    unet = getattr(denoiser, "diffusion_model", denoiser)
+    parts = split_ldm_state(sd, unet_names=list(unet.state_dict()))
+    if not parts[UNET] and not parts[EMA_UNET]:
+        raise CheckpointMismatchError(f"{what} holds no {UNET_PREFIX}* tensors: not an LDM checkpoint (a first stage? "
+                                      "then name a first-stage experiment)")
+    if use_ema and require_ema and not parts[EMA_UNET]:
+        raise CheckpointMismatchError(f"{what} holds no EMA weights ({EMA_PREFIX}*): load it with ema=False")
+    used_ema = bool(use_ema and parts[EMA_UNET])
+    load_into(unet, parts[EMA_UNET] if used_ema else parts[UNET], what=f"the U-Net of {what}")
+    cond_stage = getattr(denoiser, "cond_stage_model", None)
+    if cond_stage is not None and any(True for _ in cond_stage.state_dict()):
+        load_into(cond_stage, parts[COND_STAGE], what=f"the conditioning model of {what}")
+    elif parts[COND_STAGE]:
+        raise CheckpointMismatchError(f"{what} holds a conditioning model ({len(parts[COND_STAGE])} cond_stage_model.* "
+                                      "tensors) but the experiment builds an unconditional one: pick its experiment")
+    buffers = parts[BUFFERS]
+    if "betas" in buffers:
+        ours, theirs = betas.double().cpu(), buffers["betas"].double().cpu()
+        if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-6, atol=1e-9):
+            raise CheckpointMismatchError(
+                f"{what} was trained with another noise schedule ({theirs.numel()} steps, beta "
+                f"{theirs[0].item():.6g}..{theirs[-1].item():.6g}) than the experiment's diffusion config "
+                f"({ours.numel()} steps, {ours[0].item():.6g}..{ours[-1].item():.6g}); pick the diffusion config of "
+                "that model")
+    scale = float(buffers["scale_factor"]) if "scale_factor" in buffers else float(default_scale_factor)
+    return scale, used_ema
+
+
 def split_autoencoder_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """First-stage weights under the autoencoder's own names: from a first-stage checkpoint (dropping the
     `loss.*` LPIPS/discriminator tensors) or from the `first_stage_model.*` part of an LDM checkpoint."""

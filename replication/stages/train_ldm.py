@@ -58,10 +58,7 @@ def _import_pretrained(ctx: StageContext) -> dict[str, Any]:
     """Released weights through our pipeline (users re-evaluating the paper's checkpoints, latent-diffusion
     #138/#213): the (EMA) U-Net, the class embedder of cIN models and the stored scale_factor of an original
     .ckpt, checked against our config, including the noise schedule the checkpoint was trained with."""
-    import numpy as np
-
-    from replication.models.compvis import load_compvis_checkpoint, split_ldm_state
-    from replication.training.checkpoint import check_state_dict_fits
+    from replication.models.compvis import load_compvis_checkpoint, load_released_denoiser
 
     typed, trainer, diffusion = ctx.typed, ctx.typed.trainer, ctx.typed.diffusion
     path = Path(trainer.pretrained)
@@ -69,30 +66,13 @@ def _import_pretrained(ctx: StageContext) -> dict[str, Any]:
         raise StageError(f"trainer.pretrained={path} does not exist")
     ctx.record_input(path)
     model = build_unet(typed)
-    wrapped = hasattr(model, "diffusion_model")
-    unet_names = [k for k in (model.diffusion_model if wrapped else model).state_dict()]
-    parts = split_ldm_state(load_compvis_checkpoint(path), unet_names=unet_names)
-    unet_state = parts["ema_unet"] if trainer.pretrained_use_ema and parts["ema_unet"] else parts["unet"]
-    if wrapped:
-        state = {**{f"diffusion_model.{k}": v for k, v in unet_state.items()},
-                 **{f"cond_stage_model.{k}": v for k, v in parts["cond_stage"].items()}}
-    else:
-        state = unet_state
-    check_state_dict_fits(model, state, f"pretrained LDM {path}")
-    model.load_state_dict(state)
-    buffers = parts["buffers"]
-    if "betas" in buffers:
-        ours = diffusion.make_schedule().betas.double().numpy()
-        theirs = buffers["betas"].double().numpy()
-        if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-6, atol=1e-9):
-            raise StageError(f"{path} was trained with another noise schedule than diffusion={ctx.root.choices.get('diffusion')} "
-                             f"(max |beta difference| {np.abs(ours - theirs).max() if ours.shape == theirs.shape else 'shape'}); "
-                             "pick the diffusion config of that model")
-    scale = float(buffers["scale_factor"]) if "scale_factor" in buffers else float(diffusion.scale_factor)
+    scale, used_ema = load_released_denoiser(load_compvis_checkpoint(path), model, diffusion.make_schedule().betas,
+                                             diffusion.scale_factor, f"pretrained LDM {path}",
+                                             use_ema=trainer.pretrained_use_ema)
     weights = model.state_dict()
     save_tensors(ctx.run_dir / LDM_RAW, weights, metadata={"source": str(path)})
     save_tensors(ctx.run_dir / LDM_EMA, weights, metadata={"source": str(path)})
-    meta = {"scale_factor": scale, "steps": None, "imported": str(path), "ema": bool(trainer.pretrained_use_ema and parts["ema_unet"]),
+    meta = {"scale_factor": scale, "steps": None, "imported": str(path), "ema": used_ema,
             "unet": to_container(typed.unet), "diffusion": to_container(diffusion),
             "num_params": sum(p.numel() for p in model.parameters())}
     atomic_write_json(ctx.run_dir / LDM_META, meta)
