@@ -32,22 +32,21 @@ def _images(folder: Path) -> list[str]:
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def train_files(root: Path) -> list[str]:
-    folder = Path(root) / TRAIN_DIR
+def _published_folder(root: Path, sub: str, tar: str, example: str) -> Path:
+    folder = Path(root) / sub
     if not folder.is_dir():
         raise PlacesLayoutError(
-            f"no Places training folder at {folder}: extract train_large_places365standard.tar (Places365-Standard, "
-            f"high resolution, from places2.csail.mit.edu) into {root} ({folder}/a/airfield/00000001.jpg ...)")
-    return _images(folder)
+            f"no Places folder at {folder}: extract {tar} (Places365-Standard, high resolution, from "
+            f"places2.csail.mit.edu) into {root} ({folder}/{example} ...)")
+    return folder
+
+
+def train_files(root: Path) -> list[str]:
+    return _images(_published_folder(root, TRAIN_DIR, "train_large_places365standard.tar", "a/airfield/00000001.jpg"))
 
 
 def val_files(root: Path) -> list[str]:
-    folder = Path(root) / VAL_DIR
-    if not folder.is_dir():
-        raise PlacesLayoutError(
-            f"no Places validation folder at {folder}: extract val_large.tar (Places365-Standard, high resolution, "
-            f"from places2.csail.mit.edu) into {root} ({folder}/Places365_val_00000001.jpg ...)")
-    return _images(folder)
+    return _images(_published_folder(root, VAL_DIR, "val_large.tar", "Places365_val_00000001.jpg"))
 
 
 @dataclass(frozen=True)

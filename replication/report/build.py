@@ -110,6 +110,16 @@ def _curve_frame(points: list[dict], columns: Sequence[str]) -> pd.DataFrame:
     return frame[keep].sort_values(keep[0]).reset_index(drop=True)
 
 
+def _curve_series(w: "_Writer", ec: ExperimentComparison, points: list[dict], columns: Sequence[str], plot: str,
+                  what: str) -> tuple[pd.DataFrame, "F.Series"]:
+    """One curve of a run: its table written as the plot's CSV (x = columns[0], y = columns[1]) and the series the
+    figure draws from that same table."""
+    frame = _curve_frame(points, columns)
+    x, y = columns[0], columns[1]
+    w.csv(frame, plot_name(ec.experiment, plot), x, y, f"{ec.experiment}: {what}")
+    return frame, F.Series(ec.experiment, frame[x].tolist(), frame[y].tolist(), ec.comparable)
+
+
 def dvc_path(path: Path) -> str:
     """Path as dvc.yaml wants it: relative to the working directory (the repository root) when possible."""
     try:
@@ -176,24 +186,18 @@ def _experiment_figures(ec: ExperimentComparison, paper: PaperResults, w: _Write
     if ec.kind is RunKind.GENERATION:
         steps = run.curves.get(S.CURVE_FID_VS_DDIM_STEPS)
         if steps:
-            frame = _curve_frame(steps, (S.C_STEPS, S.FID, S.C_SAMPLES_PER_S))
-            w.csv(frame, plot_name(exp, PLOT_FID_VS_STEPS), S.C_STEPS, S.FID, f"{exp}: FID vs DDIM steps")
-            s = F.Series(exp, frame[S.C_STEPS].tolist(), frame[S.FID].tolist(), ec.comparable)
+            frame, s = _curve_series(w, ec, steps, (S.C_STEPS, S.FID, S.C_SAMPLES_PER_S), PLOT_FID_VS_STEPS, "FID vs DDIM steps")
             figs["FID vs DDIM steps"] = w.add(F.plot_fid_vs_ddim_steps([s], w.fig(figure_name(exp, FIG_FID_VS_DDIM_STEPS)), _paper_reference_point(ec, paper), title=f"{exp}: FID vs DDIM steps (cf. paper Fig. 7)"))
             if S.C_SAMPLES_PER_S in frame and frame[S.C_SAMPLES_PER_S].notna().all():
                 t = F.Series(exp, frame[S.C_SAMPLES_PER_S].tolist(), frame[S.FID].tolist(), ec.comparable, [f"{int(v)} st" for v in frame[S.C_STEPS]])
                 figs["FID vs throughput"] = w.add(F.plot_fid_vs_throughput([t], w.fig(figure_name(exp, FIG_FID_VS_THROUGHPUT)), title=f"{exp}: FID vs sampling throughput (cf. paper Fig. 7)"))
         train = run.curves.get(S.CURVE_FID_VS_TRAIN_STEPS)
         if train:
-            frame = _curve_frame(train, (S.C_TRAIN_STEP, S.FID))
-            w.csv(frame, plot_name(exp, PLOT_FID_VS_TRAIN_STEPS), S.C_TRAIN_STEP, S.FID, f"{exp}: FID vs training steps")
-            s = F.Series(exp, frame[S.C_TRAIN_STEP].tolist(), frame[S.FID].tolist(), ec.comparable)
+            _, s = _curve_series(w, ec, train, (S.C_TRAIN_STEP, S.FID), PLOT_FID_VS_TRAIN_STEPS, "FID vs training steps")
             figs["FID vs training steps"] = w.add(F.plot_fid_vs_train_steps([s], w.fig(figure_name(exp, FIG_FID_VS_TRAIN_STEPS)), title=f"{exp}: FID vs training steps (cf. paper Fig. 6)"))
         loss = run.curves.get(S.CURVE_TRAIN_LOSS)
         if loss:
-            frame = _curve_frame(loss, (S.C_STEP, S.C_LOSS))
-            w.csv(frame, plot_name(exp, PLOT_TRAIN_LOSS), S.C_STEP, S.C_LOSS, f"{exp}: training loss")
-            s = F.Series(exp, frame[S.C_STEP].tolist(), frame[S.C_LOSS].tolist(), ec.comparable)
+            _, s = _curve_series(w, ec, loss, (S.C_STEP, S.C_LOSS), PLOT_TRAIN_LOSS, "training loss")
             figs["training loss"] = w.add(F.plot_train_loss([s], w.fig(figure_name(exp, FIG_TRAIN_LOSS)), title=f"{exp}: training loss"))
         grid = w.fig(figure_name(exp, FIG_SAMPLES))
         found = _sample_grid_images(runs_dir / exp, grid_images) if grid_images > 0 else None
