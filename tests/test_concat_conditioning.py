@@ -20,7 +20,7 @@ from replication.models.conditioning import ema_scope
 from replication.models.unet import UNetModel
 
 ROOT = Path(__file__).resolve().parents[1]
-REF_DIR = ROOT.parent / "shared" / "reference" / "compvis_modules"
+REF_DIR = ROOT / "tests" / "reference" / "compvis_modules"
 
 
 def _tiny_unet(in_channels: int, out_channels: int = 4) -> UNetModel:

@@ -31,3 +31,15 @@ def test_table10_rows_are_class_conditional_imagenet():
     rows = pd.read_csv(PROJECT / "results.csv", dtype={"table": str})
     t10 = rows[rows["table"] == "10"]
     assert len(t10) == 53 and set(t10["task"]) == {"class-conditional"}, sorted(set(t10["task"]))
+
+
+SHARED_MODULES = REPO.parent / "shared" / "reference" / "compvis_modules"
+PROJECT_MODULES = REPO / "tests" / "reference" / "compvis_modules"
+
+
+@pytest.mark.skipif(not SHARED_MODULES.is_dir(), reason=f"no shared reference dumps here: {SHARED_MODULES} does not exist")
+def test_project_copy_of_the_release_module_dumps_equals_shared():
+    shared = sorted(p.name for p in SHARED_MODULES.glob("*.json"))
+    assert sorted(p.name for p in PROJECT_MODULES.glob("*.json")) == shared
+    differ = [n for n in shared if (SHARED_MODULES / n).read_bytes() != (PROJECT_MODULES / n).read_bytes()]
+    assert not differ, f"copy these shared files over the project's: {differ}"
