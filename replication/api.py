@@ -136,6 +136,13 @@ def sample(pretrained: Pretrained, num_samples: int, seed: int = 0,
     if pretrained.denoiser is None:
         raise PretrainedError(f"{pretrained.source} loaded as experiment {pretrained.experiment!r}, a first stage "
                               "alone: there is no U-Net to sample from (use pretrained.autoencoder to encode/decode)")
+    from replication.config import CONCAT_KINDS
+
+    kind = pretrained.config.root.conditioning.kind
+    if kind in CONCAT_KINDS:
+        raise PretrainedError(f"{pretrained.experiment!r} is conditioned on an image ({kind.value}): each result is made "
+                              "from an input image; use replication.superres.upscale / replication.inpaint.inpaint_image, "
+                              "or python -m replication.superres / python -m replication.inpaint")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     asked = {"seed": seed, "steps": steps, "eta": eta, "guidance_scale": guidance_scale, "batch_size": batch_size}

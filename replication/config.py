@@ -115,6 +115,14 @@ class ConditioningKind(str, enum.Enum):
     none = "none"  # unconditional (Table 1)
     class_label = "class_label"  # U-Net `num_classes`: label embedding added to the time embedding
     class_embed = "class_embed"  # cIN LDMs (cin256, Tab.13): ClassEmbedder -> cross-attention context
+    # concat conditioning (release conditioning_key concat, models/concat_conditioning.py): the U-Net input is
+    # z_t joined with an image-shaped condition
+    lowres = "lowres"  # super-resolution (bsr_sr, Tab. 5): the low-resolution image in [-1, 1]
+    masked_image = "masked_image"  # inpainting (inpainting_big, Tab. 7): first-stage code of the masked image + mask
+
+
+CONCAT_KINDS = (ConditioningKind.lowres, ConditioningKind.masked_image)
+CONCAT_TASK = {ConditioningKind.lowres: "superres", ConditioningKind.masked_image: "inpainting"}
 
 
 @dataclass
@@ -286,7 +294,29 @@ def validate_config(cfg: DictConfig) -> TypedConfig:
             raise ConfigError(f"invalid config in group '{group}': {exc}") from exc
         # every section, whichever validator it has, holds finite floats only
         check_finite(groups[group], group)
-    return TypedConfig(root=root, **groups)
+    typed = TypedConfig(root=root, **groups)
+    _check_concat_inputs(typed)
+    return typed
+
+
+def _check_concat_inputs(typed: TypedConfig) -> None:
+    """A concat-conditioned U-Net reads z_t and the condition: its in_channels must be what the task joins."""
+    kind = typed.root.conditioning.kind
+    if kind not in CONCAT_KINDS:
+        return
+    from replication.models.concat_conditioning import concat_in_channels
+
+    latent = typed.autoencoder.embed_dim
+    want = concat_in_channels(CONCAT_TASK[kind], latent)
+    if typed.unet.in_channels != want:
+        raise ConfigError(f"conditioning.kind={kind.value} joins a {latent}-channel latent with its condition: "
+                          f"unet.in_channels must be {want}, got {typed.unet.in_channels}")
+    if typed.unet.out_channels != latent:
+        raise ConfigError(f"conditioning.kind={kind.value}: unet.out_channels must be the latent's {latent}, got "
+                          f"{typed.unet.out_channels}")
+    if typed.unet.num_classes or typed.unet.context_dim:
+        raise ConfigError(f"conditioning.kind={kind.value} conditions by concatenation only: the U-Net takes no "
+                          "num_classes or context_dim")
 
 
 def to_container(cfg: Any) -> Any:

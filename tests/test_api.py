@@ -139,7 +139,8 @@ def test_zoo_lists_the_release_with_sources_and_existing_experiments():
             kind = validate_config(compose([f"experiment={entry.experiment}"])).root.kind.value
             assert kind == ("autoencoder" if entry.kind == "first_stage" else "ldm"), entry
     assert {e.experiment for e in zoo.values() if e.kind == "ldm" and e.experiment} == {
-        "celebahq_ldm4", "ffhq_ldm4", "lsun_churches_ldm8", "lsun_bedrooms_ldm4", "imagenet_cin_ldm4_cfg"}
+        "celebahq_ldm4", "ffhq_ldm4", "lsun_churches_ldm8", "lsun_bedrooms_ldm4", "imagenet_cin_ldm4_cfg",
+        "sr_bsr_release", "inpainting_big_release"}
 
 
 # zoo row -> tests/reference/compvis_modules dump of the released module (name -> shape of every tensor)

@@ -15,11 +15,22 @@ class GuidanceError(ValueError):
 
 
 def sampling_denoiser(call: Callable[..., torch.Tensor], labels: Optional[torch.Tensor], null_class: Optional[int],
-                      guidance_scale: float) -> Denoiser:
+                      guidance_scale: float, concat: Optional[torch.Tensor] = None) -> Denoiser:
     """eps(x, t) of `call(x, t)` (unconditional, `labels` None) or of `call(x, t, y=labels)` for a fixed batch of
     class labels, guided with scale `guidance_scale` against `null_class` (the "no class" label the network was
     trained with). Scale 1 is the plain conditional model and needs no null class; any other scale without one
-    is a GuidanceError, since guiding against a real class would sample something else without saying so."""
+    is a GuidanceError, since guiding against a real class would sample something else without saying so.
+    `concat` (a fixed batch of image-shaped conditions: low-resolution images, masked-image codes) gives
+    eps = call(x, t, c_concat=concat); the release trains these models without a null condition, so guidance
+    for them is a GuidanceError too."""
+    if concat is not None:
+        if labels is not None:
+            raise GuidanceError("a denoiser takes class labels or a concatenated condition, not both")
+        if guidance_scale != 1.0:
+            raise GuidanceError(f"guidance (scale {guidance_scale:g}) needs an unconditional input, and the "
+                                "concat-conditioned models (super-resolution, inpainting) have none: use scale 1")
+        cond = concat
+        return lambda x, t: call(x, t, c_concat=cond)
     if labels is None:
         return lambda x, t: call(x, t)
 

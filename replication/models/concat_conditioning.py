@@ -90,7 +90,9 @@ def inpainting_inputs(image: np.ndarray, mask: np.ndarray) -> dict[str, torch.Te
 
 def inpainting_condition(encode: Callable[[torch.Tensor], torch.Tensor], masked_image: torch.Tensor,
                          mask: torch.Tensor) -> torch.Tensor:
-    """c = cat[encode(masked image), mask resized to the latent (nearest)], both in the release's [-1, 1] values."""
+    """c = cat[encode(masked image), mask resized to the latent (nearest)], both in the release's [-1, 1] values.
+    `encode` is the first stage's deterministic code, unscaled, as the release's get_learned_conditioning takes it
+    (VQ: the pre-quantisation latent; KL: the posterior's mode)."""
     c = encode(masked_image)
     cc = F.interpolate(mask.to(c.dtype), size=c.shape[-2:])
     return torch.cat([c, cc], dim=1)

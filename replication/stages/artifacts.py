@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from replication.config import ConditioningKind, TypedConfig
+from replication.config import CONCAT_KINDS, ConditioningKind, TypedConfig
 from replication.training.checkpoint import check_state_dict_fits
 from replication.utils.io import ArtifactError, load_tensors, read_json
 
@@ -53,12 +53,20 @@ def build_unet(typed: TypedConfig) -> torch.nn.Module:
         if not typed.unet.context_dim:
             raise ArtifactError("conditioning.kind=class_embed needs a U-Net with context_dim (cross-attention)")
         return ClassConditionalUNet(unet, ClassEmbedder(typed.unet.context_dim, n_classes=cond.n_embed_classes))
+    if cond.kind in CONCAT_KINDS:
+        from replication.models.concat_conditioning import ConcatConditionalUNet
+
+        # both tasks build their condition outside the network (the release's cond_stage is the identity for SR;
+        # for inpainting the first stage itself encodes the masked image)
+        return ConcatConditionalUNet(unet)
     return unet
 
 
 def num_label_classes(typed: TypedConfig) -> int | None:
     """How many real classes the denoiser is conditioned on (None: unconditional)."""
     cond = typed.root.conditioning
+    if cond.kind in CONCAT_KINDS:
+        return None
     if cond.kind == ConditioningKind.none:
         if typed.unet.num_classes:
             raise ArtifactError(f"unet.num_classes={typed.unet.num_classes} but conditioning.kind=none; "

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from replication.config import CONCAT_KINDS
 from replication.samples import SHARD_PATTERN
 from replication.stages.artifacts import (CURVES_DIR, LDM_EMA, LDM_SNAPSHOTS, SAMPLES_DIR, load_first_stage, load_ldm,
                                           num_label_classes, to_uint8)
@@ -50,7 +51,9 @@ class Generator:
         self.num_classes = num_label_classes(typed)
         self.null_class = typed.diffusion.null_class
         ucfg = typed.unet
-        self.latent_shape = (ucfg.in_channels, ucfg.image_size, ucfg.image_size)  # U-Net image_size = latent size
+        # the latent the sampler denoises: the U-Net's output channels (its input may also hold a concatenated
+        # condition); U-Net image_size = latent size
+        self.latent_shape = (ucfg.out_channels, ucfg.image_size, ucfg.image_size)
 
     def load_weights(self, path: Path) -> None:
         """Swap other U-Net weights (a Fig. 6 snapshot) into the same module, in place: a compiled call stays
@@ -221,6 +224,12 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.training.distributed import init_distributed, local_device
 
     sampler, root = ctx.typed.sampler, ctx.root
+    if root.conditioning.kind in CONCAT_KINDS:
+        raise StageError(
+            f"conditioning.kind={root.conditioning.kind.value}: each sample of a concat-conditioned model is made "
+            "from a dataset image (its low-resolution or masked version), and the sample stage does not build those "
+            "conditions yet. Apply the model to images with python -m replication.superres or "
+            "python -m replication.inpaint.")
     dist = init_distributed(ctx.device)
     device = local_device(ctx.device, dist)
     ctx.record_input(ctx.run_dir / LDM_EMA)

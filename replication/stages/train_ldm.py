@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 
-from replication.config import Precision, to_container
+from replication.config import CONCAT_KINDS, Precision, to_container
 from replication.stages.artifacts import (LDM_EMA, LDM_META, LDM_RAW, LDM_SNAPSHOTS, LDM_STATE_DIR, build_unet,
                                           load_first_stage, num_label_classes)
 from replication.stages.context import StageContext, StageError
@@ -111,6 +111,11 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     typed, trainer, diffusion = ctx.typed, ctx.typed.trainer, ctx.typed.diffusion
     if trainer.pretrained:
         return _import_pretrained(ctx)
+    if ctx.root.conditioning.kind in CONCAT_KINDS:
+        raise StageError(
+            f"conditioning.kind={ctx.root.conditioning.kind.value}: training a concat-conditioned LDM needs its "
+            "paired inputs (low-resolution or masked images) in the latent cache, which this harness does not build "
+            "yet; set trainer.pretrained to import released weights instead")
     dist = init_distributed(ctx.device)
     device = local_device(ctx.device, dist)
     first_stage = load_first_stage(ctx.run_dir, typed, device)
