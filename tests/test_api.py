@@ -147,7 +147,8 @@ def test_zoo_lists_the_release_with_sources_and_existing_experiments():
 RELEASE_DUMPS = {**{n: f"ae-{n}" for n in ("kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8",
                                              "vq-f8-n256", "vq-f16")},
                  "celeba": "ldm-celeba256", "ffhq": "ldm-ffhq256", "lsun_churches": "ldm-lsun_churches256",
-                 "lsun_bedrooms": "ldm-lsun_beds256", "cin256-v2": "cfg-cin256-v2", "cin": "ldm-cin256"}
+                 "lsun_bedrooms": "ldm-lsun_beds256", "cin256-v2": "cfg-cin256-v2", "cin": "ldm-cin256",
+                 "sr_bsr": "ldm-bsr_sr", "inpainting_big": "ldm-inpainting_big"}
 # rows without an experiment of their own whose notes name one with overrides
 NOTED_EXPERIMENTS = {"cin": ("imagenet_ldm8", ["conditioning.n_embed_classes=1000"])}
 
