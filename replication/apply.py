@@ -229,6 +229,15 @@ def run_folder(jobs: list[tuple[Path, Path]], make: Callable[[Path], np.ndarray]
     return {"made": len(todo), "kept": len(jobs) - len(todo)}
 
 
+def parse_arguments(task: Task, doc: str, folders: list[tuple[str, str]], argv: Optional[list[str]]) -> argparse.Namespace:
+    """The command line of a task: its folders (name, help) in order, then the options every task shares."""
+    parser = argparse.ArgumentParser(prog=task.command, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, help_text in folders:
+        parser.add_argument(name, type=Path, help=help_text)
+    common_arguments(parser, task)
+    return parser.parse_args(argv)
+
+
 def common_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help=f"a released .ckpt, a run folder, or a zoo model name (experiments/zoo.csv), e.g. the "

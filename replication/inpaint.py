@@ -7,14 +7,13 @@ scripts/inpaint.py: the first stage encodes the masked image, the mask is resize
 every input pixel outside the hole. Written as OUT_DIR/<name>.png; the command resumes (see replication/apply.py)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from replication.apply import (INPAINTING, ApplyError, center_crop, check_multiple, common_arguments, image_seed,
+from replication.apply import (INPAINTING, ApplyError, center_crop, check_multiple, image_seed, parse_arguments,
                                list_images, load_task_model, main_guard, prepare_output, read_mask, read_rgb,
                                run_folder, sample_with_condition, sampler_overrides, settings_record, unet_multiple)
 from replication.models.concat_conditioning import composite, inpainting_condition, inpainting_inputs
@@ -39,13 +38,10 @@ def find_mask(masks_dir: Path, image: Path) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replication.inpaint", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images_dir", type=Path, help="folder of images")
-    parser.add_argument("masks_dir", type=Path, help="folder of masks (255 = hole), one per image")
-    parser.add_argument("out_dir", type=Path, help="folder for the results (<name>.png), created if needed")
-    common_arguments(parser, INPAINTING)
-    args = parser.parse_args(argv)
+    args = parse_arguments(INPAINTING, __doc__, [("images_dir", "folder of images"),
+                                                ("masks_dir", "folder of masks (255 = hole), one per image"),
+                                                ("out_dir", "folder for the results (<name>.png), created if needed")],
+                           argv)
 
     def run() -> int:
         files = list_images(args.images_dir, "image")

@@ -6,14 +6,13 @@ stage (f = 4), so an H x W input gives a 4H x 4W output, written as OUT_DIR/<nam
 to finish an interrupted folder (see replication/apply.py)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from replication.apply import (SUPERRES, ApplyError, center_crop, check_multiple, common_arguments, list_images,
+from replication.apply import (SUPERRES, ApplyError, center_crop, check_multiple, list_images, parse_arguments,
                                load_task_model, main_guard, prepare_output, read_rgb, run_folder, sample_with_condition,
                                sampler_overrides, settings_record, to_uint8_image, unet_multiple, image_seed)
 
@@ -25,12 +24,8 @@ def upscale(model: Any, lr: np.ndarray, seed: int) -> np.ndarray:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replication.superres", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("in_dir", type=Path, help="folder of low-resolution images")
-    parser.add_argument("out_dir", type=Path, help="folder for the results (<name>.png), created if needed")
-    common_arguments(parser, SUPERRES)
-    args = parser.parse_args(argv)
+    args = parse_arguments(SUPERRES, __doc__, [("in_dir", "folder of low-resolution images"),
+                                              ("out_dir", "folder for the results (<name>.png), created if needed")], argv)
 
     def run() -> int:
         files = list_images(args.in_dir, "input")
