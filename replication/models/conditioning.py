@@ -4,7 +4,8 @@
 `cond_stage_model.embedding.weight`). Classifier-free guidance (cin256-v2) reserves one extra class index as
 the "no label" input: n_classes 1001 with null index 1000 [cfg: configs/latent-diffusion/cin256-v2.yaml].
 
-Out of scope: the text encoders of the text-to-image models (BERTEmbedder of txt2img-1p4B / text2img256).
+The transformer encoder of the text- and layout-conditional models (the release's BERTEmbedder) and their
+denoiser are in `replication.models.text_encoder`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,20 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+
+def check_ids(ids: torch.Tensor, what: str, dims: tuple[str, ...], upper: int) -> None:
+    """Refuse index input of a conditioning embedding that is not integer, not of the axes `dims` (("B",) for
+    labels, ("B", "L") for token sequences) or outside [0, upper), naming `what` (singular) in the message."""
+    if ids.ndim != len(dims):
+        layout = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+        raise ValueError(f"{what}s must be {len(dims)}-D {layout}, got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{what}s must be integer, got {ids.dtype}")
+    # the range check reads the ids on the host: skipped inside torch.compile, where it would split the graph (and
+    # sync the GPU) on every forward; training and sampling check their inputs once up front
+    if not torch.compiler.is_compiling() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= upper):
+        raise ValueError(f"{what} out of range [0, {upper}): min {int(ids.min())}, max {int(ids.max())}")
 
 
 class ClassEmbedder(nn.Module):
@@ -30,17 +45,7 @@ class ClassEmbedder(nn.Module):
         return self.embedding.embedding_dim
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if labels.ndim != 1:
-            raise ValueError(f"class labels must be 1-D (B,), got shape {tuple(labels.shape)}")
-        if labels.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"class labels must be integer, got {labels.dtype}")
-        # the range check reads the labels on the host: skipped inside torch.compile, where it would split the
-        # graph (and sync the GPU) on every forward; training and sampling check their labels once up front
-        if (not torch.compiler.is_compiling() and labels.numel()
-                and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes)):
-            raise ValueError(
-                f"class label out of range [0, {self.n_classes}): min {int(labels.min())}, max {int(labels.max())}"
-            )
+        check_ids(labels, "class label", ("B",), self.n_classes)
         return self.embedding(labels.long())[:, None, :]
 
 
