@@ -1,17 +1,25 @@
 # Classifier-free guidance, Ho & Salimans 2021 Eq. (6) in the original release's form (ldm/models/diffusion/ddim.py):
 # eps = eps(x, t, uncond) + s * (eps(x, t, cond) - eps(x, t, uncond)), so s = 1 is the plain conditional model.
-"""Guidance wraps the conditional model into a plain denoiser `eps = denoiser(x_t, t)` for the samplers, and
-provides the condition dropout used in training so that one network also learns the unconditional model."""
+# Classifier guidance, Dhariwal & Nichol 2021 Alg. 2 / Eq. (14), the release's DDIM `score_corrector` hook (LDM-8-G,
+# paper Tab. 10): eps_hat = eps - sqrt(1 - alpha_bar_t) * s * grad_{x_t} log p_phi(y | x_t, t).
+"""Guidance wraps a model into a plain denoiser `eps = denoiser(x_t, t)` for the samplers: classifier-free
+(a conditional model against its own unconditional branch) or classifier guidance (a denoiser corrected by the
+input gradient of a noisy-data classifier). It also provides the condition dropout used in training so that
+one network also learns the unconditional model."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from replication.diffusion.ddim import Denoiser
+from replication.diffusion.schedule import Schedule, extract
 
 ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# logits = classifier(x_t, t): [B, num_classes], t a LongTensor [B] of original timestep indices
+NoisyClassifier = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Condition = Union[torch.Tensor, Sequence[str]]
 
 
@@ -44,6 +52,59 @@ def classifier_free(model: ConditionalModel, cond: torch.Tensor, uncond: torch.T
         out = model(torch.cat([x, x]), torch.cat([t, t]), c_in)
         eps_u, eps_c = out.chunk(2)
         return eps_u + scale * (eps_c - eps_u)
+
+    return guided
+
+
+def classifier_log_prob_grad(classifier: NoisyClassifier, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                             max_label: Optional[int] = None) -> torch.Tensor:
+    """grad_x log softmax(classifier(x, t))[labels], per sample (float32, detached). The gradient is taken with
+    respect to the input only (torch.autograd.grad, so no parameter's .grad is touched), with gradients enabled
+    inside a sampler's torch.no_grad; it cannot run under torch.inference_mode. Samples stay independent as long
+    as the classifier mixes nothing across the batch (GroupNorm, not BatchNorm). `max_label` (the largest label,
+    read from `labels` when None) is checked against the classifier's class count, so a label outside it is a
+    ValueError rather than a device-side assert."""
+    with torch.enable_grad():
+        x_in = x.detach().float().requires_grad_(True)
+        logits = classifier(x_in, t)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"classifier returned {got} for a batch of {x.shape[0]}; expected [batch, num_classes] "
+                             f"logits")
+        top = int(labels.max()) if max_label is None else max_label
+        if top >= logits.shape[1]:
+            raise ValueError(f"class label {top} is outside the classifier's {logits.shape[1]} classes")
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        chosen = log_probs.gather(1, labels.to(log_probs.device).reshape(-1, 1))
+        (grad,) = torch.autograd.grad(chosen.sum(), x_in)
+    return grad.detach()
+
+
+def classifier_guided(denoiser: Denoiser, classifier: NoisyClassifier, labels: torch.Tensor, scale: float,
+                      schedule: Schedule) -> Denoiser:
+    """Denoiser with classifier guidance of scale `scale` toward the fixed batch of class `labels`:
+    eps_hat(x, t) = eps(x, t) - sqrt(1 - alpha_bar_t) * scale * grad_x log p(labels | x, t), i.e. the score of
+    p(x_t) p(y | x_t)^scale (Dhariwal & Nichol 2021, Eq. 14). alpha_bar_t is `schedule`'s (the denoiser's training
+    schedule) at the original timestep t the sampler passes. Scale 0 returns `denoiser` itself, unguided. The
+    result is float32 and detached; the samplers stay unchanged, so DDIM, PLMS and DDPM all take it."""
+    if not (math.isfinite(scale) and scale >= 0.0):
+        raise ValueError(f"classifier guidance scale must be a finite number >= 0 (0: no guidance), got {scale!r}")
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
+        what = (f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
+                else type(labels).__name__)
+        raise ValueError(f"classifier guidance needs one integer class label per sample (a 1-D LongTensor), got {what}")
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"class labels must be >= 0, got {int(labels.min())}")
+    if scale == 0.0:
+        return denoiser
+    max_label = int(labels.max()) if labels.numel() else -1
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != labels.shape[0]:
+            raise ValueError(f"batch of x ({x.shape[0]}) != number of class labels ({labels.shape[0]})")
+        eps = denoiser(x, t).float()
+        grad = classifier_log_prob_grad(classifier, x, t, labels, max_label)
+        return (eps - scale * extract(schedule.sqrt_one_minus_alphas_cumprod, t, x.shape) * grad).detach()
 
     return guided
 
