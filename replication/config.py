@@ -130,6 +130,13 @@ class ConditioningConfig:
     kind: ConditioningKind = ConditioningKind.none
     num_classes: int = 1000  # real classes; labels drawn for sampling are i % num_classes
     n_embed_classes: int = 1001  # embedding rows (class_embed); index 1000 = null label (original cin256-v2)
+    # concat tasks (data/conditions.py). lowres: how the low-resolution input is made from the high-resolution
+    # image (the release's ImageNetSR options; Tab. 5 says "bicubic with anti-aliasing") and the scale factor;
+    # masked_image: LaMa's mask configuration (thick, thin, medium; the paper does not say which)
+    degradation: str = "pil_bicubic"
+    sr_factor: int = 4
+    mask_config: str = "thick"
+    eval_seed: int = 0  # the fixed low-resolution inputs / masks of the evaluation images
 
 
 @dataclass
@@ -317,6 +324,21 @@ def _check_concat_inputs(typed: TypedConfig) -> None:
     if typed.unet.num_classes or typed.unet.context_dim:
         raise ConfigError(f"conditioning.kind={kind.value} conditions by concatenation only: the U-Net takes no "
                           "num_classes or context_dim")
+    from replication.data.conditions import ConditionError, task_conditions
+    from replication.models.autoencoder_config import downsampling_factor
+
+    cond = typed.root.conditioning
+    try:
+        task_conditions(cond)
+    except ConditionError as exc:
+        raise ConfigError(str(exc)) from None
+    f = downsampling_factor(typed.autoencoder)
+    if kind == ConditioningKind.lowres and cond.sr_factor != f:
+        raise ConfigError(f"conditioning.sr_factor={cond.sr_factor}: the low-resolution image is joined to the latent, "
+                          f"so its factor must be the autoencoder's downsampling factor f={f}")
+    if typed.trainer.use_latent_cache and not typed.trainer.pretrained and "train_ldm" in typed.root.stages:
+        raise ConfigError(f"conditioning.kind={kind.value} trains on a fresh condition per visit (a new degradation "
+                          "or mask), made from the image: set trainer.use_latent_cache=false")
 
 
 def to_container(cfg: Any) -> Any:

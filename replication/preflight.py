@@ -248,28 +248,9 @@ def describe(needs: list[Need]) -> str:
     return "\n".join(lines)
 
 
-def check_pipeline_supports(typed: TypedConfig) -> None:
-    """A concat-conditioned experiment (super-resolution, inpainting) cannot run the sample stage, nor train without
-    released weights, yet: say so before the first stage prepares a dataset it would never use."""
-    from replication.config import CONCAT_KINDS
-
-    root = typed.root
-    kind = root.conditioning.kind
-    if kind not in CONCAT_KINDS:
-        return
-    blocked = [s for s in root.stages if s in ("sample", "evaluate", "report")]
-    if "train_ldm" in root.stages and not typed.trainer.pretrained:
-        blocked.insert(0, "train_ldm (without trainer.pretrained)")
-    if blocked:
-        raise ConfigError(f"experiment {root.name!r} (conditioning.kind={kind.value}) cannot run {', '.join(blocked)} "
-                          "through the pipeline yet; apply its released weights with python -m replication.superres or "
-                          "python -m replication.inpaint, or choose stages=[...] without them")
-
-
 def preflight(typed: TypedConfig, out=None) -> list[Need]:
-    """What the pipeline cannot run refused first, then writable output folders, then the disk estimate printed
-    (to `out`, default stderr; by the first process only under torchrun) and checked."""
-    check_pipeline_supports(typed)
+    """Writable output folders first, then the disk estimate printed (to `out`, default stderr; by the first process
+    only under torchrun) and checked."""
     check_output_roots(typed)
     needs = estimate_disk_needs(typed)
     if needs and os.environ.get("RANK", "0") == "0":

@@ -157,14 +157,3 @@ def test_superres_command_line_runs_as_a_module(tmp_path, ckpts):
     bad = subprocess.run([sys.executable, "-m", "replication.superres", str(tmp_path / "nowhere"), str(tmp_path / "o2"),
                           "--checkpoint", str(ckpts["sr"]), *SR], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert bad.returncode == 2 and "input folder" in bad.stderr and "Traceback" not in bad.stderr
-
-
-@pytest.mark.parametrize("experiment", ["sr_bsr_release", "inpainting_big_release"])
-def test_the_pipeline_refuses_what_it_cannot_run_before_preparing_data(tmp_path, experiment):
-    from pipeline_helpers import paths_overrides, run_module
-
-    proc = run_module("replication.run", [f"experiment={experiment}", *paths_overrides(tmp_path)], check=False)
-    assert proc.returncode != 0
-    assert "cannot run train_ldm (without trainer.pretrained), sample, evaluate, report" in proc.stderr
-    assert "python -m replication.superres" in proc.stderr
-    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and "hydra" not in p.parts]  # nothing made

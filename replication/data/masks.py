@@ -44,6 +44,8 @@ class Strokes:
     max_width: int
     max_angle: int = 4
     max_len: int = 60
+    min_width: int = 5  # LaMa's constant added to every drawn width (5 + randint(max_width))
+    min_len: int = 10  # LaMa's constant added to every drawn length (10 + randint(max_len))
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,8 @@ def stroke_mask(height: int, width: int, s: Strokes, rng: np.random.Generator) -
             angle = 0.01 + int(rng.integers(s.max_angle))
             if i % 2 == 0:
                 angle = 2 * 3.1415926 - angle  # LaMa's constant, kept so the geometry is theirs
-            length = 10 + int(rng.integers(s.max_len))
-            brush = 5 + int(rng.integers(s.max_width))
+            length = s.min_len + int(rng.integers(s.max_len))
+            brush = s.min_width + int(rng.integers(s.max_width))
             end_x = int(np.clip(np.int32(x + length * np.sin(angle)), 0, width))
             end_y = int(np.clip(np.int32(y + length * np.cos(angle)), 0, height))
             cv2.line(mask, (x, y), (end_x, end_y), 1.0, brush)

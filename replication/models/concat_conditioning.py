@@ -50,6 +50,8 @@ class ConcatConditionalUNet(nn.Module):
         self.diffusion_model = unet
         self.cond_stage_model = cond_stage if cond_stage is not None else nn.Identity()
 
+    float_condition = "c_concat"  # the keyword the training step passes a float condition as
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, c_concat: torch.Tensor) -> torch.Tensor:
         c = self.cond_stage_model(c_concat)
         if c.shape[0] != x.shape[0] or c.shape[2:] != x.shape[2:]:

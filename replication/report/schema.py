@@ -50,6 +50,7 @@ K_PROTOCOL = "protocol"
 K_PAPER_PROTOCOL = "paper_protocol"
 K_CURVES = "curves"
 K_THROUGHPUT = "throughput"
+K_TASK = "task"  # concat tasks (super-resolution, inpainting): the condition settings and, for inpainting, the bins
 K_FIRST_STAGE = "first_stage"  # the run's autoencoder: reconstruction PSNR (value, std, images, split)
 K_AUTOENCODER = "autoencoder"
 K_F = "f"
@@ -83,7 +84,7 @@ T_DEVICE = "device"
 
 LDM_REQUIRED = (K_SCHEMA_VERSION, K_EXPERIMENT, K_COMPARABLE, K_METRICS, K_PROTOCOL)
 LDM_OPTIONAL = (K_CREATED, K_NOT_COMPARABLE_REASONS, K_PAPER, K_FID_INF, K_PAPER_PROTOCOL, K_CURVES, K_THROUGHPUT,
-                K_FIRST_STAGE)
+                K_FIRST_STAGE, K_TASK)
 RECON_REQUIRED = (K_SCHEMA_VERSION, K_EXPERIMENT, K_AUTOENCODER, K_F, K_COMPARABLE, K_METRICS)
 RECON_OPTIONAL = (K_CREATED, K_NOT_COMPARABLE_REASONS, K_N_IMAGES, K_PAPER, K_PROTOCOL)
 

@@ -137,6 +137,7 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
         pr_args = {"pr_sample_feats": _features(samples_dir, vgg, m.batch_size, ctx.progress), "pr_reference": pr_ref,
                    "pr_extractor": vgg}
     res = evaluate_samples(feats, ref, m, extractor, spec_hash, progress=ctx.progress, **pr_args)
+    task = _task_metrics(ctx, samples_dir, feats, extractor, res["metrics"])
     ldm_meta = read_json(ctx.run_dir / LDM_META)
     series = read_json(ctx.run_dir / "sample" / "series.json")
     index = read_json(samples_dir / "index.json")
@@ -168,7 +169,88 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
                "paper_protocol": _paper_protocol(ctx), "curves": curves,
                "throughput": {"sampling_img_per_s": index.get("img_per_s"), "device": str(ctx.device)},
                "first_stage": {"psnr": first_stage_psnr(ctx)}}
+    if task is not None:
+        metrics["task"] = task
     return metrics
+
+
+def _train_split_stats(ctx: StageContext, extractor):
+    """Feature statistics of the prepared training split (Tab. 5's second FID column, "FID against train")."""
+    from replication.data.prepare import open_prepared
+    from replication.metrics.reference import load_or_compute_reference
+
+    dataset, m = ctx.typed.dataset, ctx.typed.metrics
+    images = open_prepared(dataset, "train")
+    ctx.record_input(images.card_path)
+    return load_or_compute_reference(Path(m.reference_cache_dir), dataset.name, "train", images.spec_hash, extractor,
+                                     lambda: _reference_batches([images], m.batch_size), pr_count=m.pr_reference_images,
+                                     seed=m.seed, progress=ctx.progress, expected_images=len(images),
+                                     source_id=reference_source_id(images))
+
+
+def _task_metrics(ctx: StageContext, samples_dir: Path, feats: dict[str, torch.Tensor], extractor,
+                  metrics: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The concat tasks' scores, each sample against the evaluation image it was made from (data/conditions.py).
+    Super-resolution (Tab. 5, 11): FID against the validation and the training features, IS, PSNR and SSIM (mean and
+    std over images). Inpainting (Tab. 6, 7): FID and LPIPS over all images and per masked-area bin, "40-50%" as
+    the table quotes it. Added to `metrics` under the paper's metric names; returns the task's record."""
+    from replication.data.conditions import EvaluationConditions, Inpainting, task_conditions
+    from replication.data.prepare import REFERENCE, open_prepared
+    from replication.metrics.evaluate import FID
+    from replication.metrics.features import POOL
+    from replication.metrics.reconstruction import ReconstructionAccumulator, summarize
+    from replication.metrics.streaming import FeatureAccumulator, iter_nhwc_shards
+    from replication.samples import verified_shards
+
+    cond_cfg = ctx.root.conditioning
+    task = task_conditions(cond_cfg)
+    if task is None:
+        return None
+    m = ctx.typed.metrics
+    images = open_prepared(ctx.typed.dataset, REFERENCE)
+    conditions = EvaluationConditions(task, images, REFERENCE, cond_cfg.eval_seed, lambda x: x, torch.device("cpu"))
+    inpainting = isinstance(task, Inpainting)
+    lpips_metric = _lpips(ctx)[0] if inpainting else None
+    paired = ReconstructionAccumulator(lpips_metric=lpips_metric)
+    originals = FeatureAccumulator(extractor) if inpainting else None
+    areas: list[np.ndarray] = []
+    start = 0
+    for batch in iter_nhwc_shards(verified_shards(samples_dir), m.batch_size):
+        idx = np.arange(start, start + batch.shape[0])
+        start += batch.shape[0]
+        orig = torch.from_numpy(np.ascontiguousarray(images.get_batch(idx))).permute(0, 3, 1, 2).contiguous()
+        paired.add(orig, batch)
+        if inpainting:
+            originals.add(orig)
+            areas.append(conditions.inputs(idx)["area"])
+    per_image = paired.per_image()
+    record: dict[str, Any] = {**task.card(), "eval_seed": cond_cfg.eval_seed, "images": start,
+                              "split": f"reference set ({ctx.typed.dataset.fid_reference.value})"}
+    if not inpainting:
+        train_ref = _train_split_stats(ctx, extractor)
+        fid = metrics.get(FID, {}).get("value")
+        metrics["FID_valsplit_ref"] = {"value": fid, "n_samples": start, "reference": record["split"]}
+        metrics["FID_trainsplit_ref"] = {"value": _fid(feats, train_ref), "n_samples": start,
+                                         "reference": "train split"}
+        for key in ("PSNR", "SSIM"):
+            metrics[key] = {**summarize(per_image[key]), "n_samples": start}
+        return record
+    from replication.data.masks import bin_label
+    from replication.metrics.binned import binned_scores
+
+    hard = bin_label(4)  # the "40-50%" subset of Tab. 7
+    scores = binned_scores(np.concatenate(areas), per_image.get("LPIPS"), feats[POOL].numpy(),
+                           originals.result()[POOL].numpy())
+    metrics["FID_all"] = {"value": scores["all"]["FID"], "n_samples": start, "reference": "the same images, unmasked"}
+    metrics["LPIPS_all"] = {**scores["all"]["LPIPS"], "n_samples": start}
+    hard_scores = scores["bins"][hard]
+    metrics["FID_40-50pct_masked"] = {"value": hard_scores["FID"], "n_samples": hard_scores["count"],
+                                      **({"note": hard_scores["FID_note"]} if "FID_note" in hard_scores else {})}
+    if "LPIPS" in hard_scores:
+        metrics["LPIPS_40-50pct_masked"] = {**hard_scores["LPIPS"], "n_samples": hard_scores["count"]}
+    record["bins"] = scores["bins"]
+    record["lpips_standin"] = bool(getattr(lpips_metric, "is_standin", False))
+    return record
 
 
 FIRST_STAGE_PSNR_IMAGES = 256

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from replication.config import CONCAT_KINDS
 from replication.samples import SHARD_PATTERN
 from replication.stages.artifacts import (CURVES_DIR, LDM_EMA, LDM_SNAPSHOTS, SAMPLES_DIR, load_first_stage, load_ldm,
                                           num_label_classes, to_uint8)
@@ -38,7 +37,7 @@ class Generator:
     """The whole generative chain as one callable: per-sample noise -> sampler -> decode -> uint8 NHWC."""
 
     def __init__(self, unet: torch.nn.Module, first_stage: torch.nn.Module, scale_factor: float, typed: dict[str, Any],
-                 device: torch.device):
+                 device: torch.device, conditions: Optional[Any] = None):
         from replication.perf import FastForward, FastPath
 
         speed = typed.root.sampling_speed
@@ -47,6 +46,8 @@ class Generator:
         self.unet, self.first_stage, self.scale_factor = unet, first_stage, scale_factor
         self.unet_call = FastForward(unet, fast, device)  # the decoder stays eager fp32
         self.typed, self.device = typed, device
+        # concat tasks: sample i is made from evaluation image i and its fixed condition (data/conditions.py)
+        self.conditions = conditions
         self.schedule = typed.diffusion.make_schedule()
         self.num_classes = num_label_classes(typed)
         self.null_class = typed.diffusion.null_class
@@ -62,11 +63,11 @@ class Generator:
 
         load_unet_weights(self.unet, path)
 
-    def denoiser(self, labels: Optional[torch.Tensor], guidance_scale: float):
+    def denoiser(self, labels: Optional[torch.Tensor], guidance_scale: float, concat: Optional[torch.Tensor] = None):
         from replication.diffusion.denoiser import GuidanceError, sampling_denoiser
 
         try:
-            return sampling_denoiser(self.unet_call, labels, self.null_class, guidance_scale)
+            return sampling_denoiser(self.unet_call, labels, self.null_class, guidance_scale, concat=concat)
         except GuidanceError as exc:
             raise StageError(str(exc)) from None
 
@@ -85,9 +86,13 @@ class Generator:
         if self.num_classes:
             y = torch.as_tensor(indices % self.num_classes if labels is None else labels, dtype=torch.long,
                                 device=self.device)
-        result = run_sampler(sampler, self.denoiser(y, sampler.guidance_scale), x_T, self.schedule, rng=rng,
+        inputs = self.conditions.inputs(indices) if self.conditions is not None else None
+        concat = self.conditions.concat(inputs) if inputs is not None else None
+        result = run_sampler(sampler, self.denoiser(y, sampler.guidance_scale, concat), x_T, self.schedule, rng=rng,
                              progress=progress)
         x = self.first_stage.decode(result.x / self.scale_factor)
+        if inputs is not None:
+            x = self.conditions.finish(inputs, x)
         return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -95,7 +100,22 @@ def make_generator(ctx: StageContext, weights: Optional[Path] = None, device: Op
     device = device or ctx.device
     unet, meta = load_ldm(ctx.run_dir, ctx.typed, device, weights=weights)
     first_stage = load_first_stage(ctx.run_dir, ctx.typed, device)
-    return Generator(unet, first_stage, float(meta["scale_factor"]), ctx.typed, device)
+    return Generator(unet, first_stage, float(meta["scale_factor"]), ctx.typed, device,
+                     conditions=evaluation_conditions(ctx, first_stage, device))
+
+
+def evaluation_conditions(ctx: StageContext, first_stage: torch.nn.Module, device: torch.device):
+    """The evaluation images and fixed conditions of a concat task (None for the other kinds): the FID reference
+    split, so sample i is compared with the image it was made from."""
+    from replication.data.conditions import EvaluationConditions, task_conditions
+    from replication.data.prepare import REFERENCE, open_prepared
+
+    task = task_conditions(ctx.root.conditioning)
+    if task is None:
+        return None
+    images = open_prepared(ctx.typed.dataset, REFERENCE)
+    ctx.record_input(images.card_path)
+    return EvaluationConditions(task, images, REFERENCE, ctx.root.conditioning.eval_seed, first_stage.encode, device)
 
 
 def sample_to_shards(gen: Generator, out_dir: Path, num_samples: int, steps: int, shard_size: int, batch_size: int,
@@ -223,17 +243,19 @@ def _samples_key(ctx: StageContext):
 def _body(ctx: StageContext) -> dict[str, Any]:
     from replication.training.distributed import init_distributed, local_device
 
+    from replication.data.conditions import ConditionError
+
     sampler, root = ctx.typed.sampler, ctx.root
-    if root.conditioning.kind in CONCAT_KINDS:
-        raise StageError(
-            f"conditioning.kind={root.conditioning.kind.value}: each sample of a concat-conditioned model is made "
-            "from a dataset image (its low-resolution or masked version), and the sample stage does not build those "
-            "conditions yet. Apply the model to images with python -m replication.superres or "
-            "python -m replication.inpaint.")
     dist = init_distributed(ctx.device)
     device = local_device(ctx.device, dist)
     ctx.record_input(ctx.run_dir / LDM_EMA)
     gen = make_generator(ctx, device=device)
+    if gen.conditions is not None:
+        try:
+            for n in (sampler.num_samples, root.curves.num_samples, ctx.typed.trainer.eval_num_samples):
+                gen.conditions.check_count(n)
+        except ConditionError as exc:
+            raise StageError(str(exc)) from None
     result: dict[str, Any] = {}
     key = _samples_key(ctx)
     main = sample_to_shards(gen, ctx.run_dir / SAMPLES_DIR, sampler.num_samples, sampler.steps, root.sample_shard_size,

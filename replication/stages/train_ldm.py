@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -52,6 +53,48 @@ def _latent_source(ctx: StageContext, first_stage: torch.nn.Module):
         return first_stage.encode_moments(x.to(ctx.device)).cpu()
 
     return len(images), encode_on_the_fly, images.labels
+
+
+class _ConcatSource:
+    """Training examples of a concat task: prepared images (flipped as the dataset says), their first-stage moments
+    and a fresh condition per visit (data/conditions.py), all drawn from the training loop's generator."""
+
+    def __init__(self, ctx: StageContext, first_stage: torch.nn.Module, device: torch.device):
+        from replication.data.conditions import task_conditions
+        from replication.data.prepare import open_prepared
+
+        self.dataset, self.first_stage, self.device = ctx.typed.dataset, first_stage, device
+        self.images = open_prepared(self.dataset, "train")
+        ctx.record_input(self.images.card_path)
+        self.task = task_conditions(ctx.root.conditioning)
+
+    @torch.no_grad()
+    def _images(self, indices: torch.Tensor, generator: torch.Generator) -> np.ndarray:
+        raw = self.images.get_batch(indices.numpy())
+        if self.dataset.flip_train:
+            mask = (torch.rand(len(indices), generator=generator) < 0.5).numpy()
+            raw = np.where(mask[:, None, None, None], raw[:, :, ::-1], raw)
+        return np.ascontiguousarray(raw)
+
+    @torch.no_grad()
+    def moments(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        from replication.data.prepared import to_model_input
+
+        x = to_model_input(self._images(indices, generator)).to(self.device)
+        return self.first_stage.encode_moments(x).cpu()
+
+    @torch.no_grad()
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        from replication.data.conditions import training_rngs
+        from replication.data.prepared import to_model_input
+
+        raw = self._images(indices, generator)
+        moments = self.first_stage.encode_moments(to_model_input(raw).to(self.device)).cpu()
+        inputs = self.task.make(raw, training_rngs(generator, len(raw)))
+        return moments, self.task.concat(inputs, self.first_stage.encode, self.device).cpu()
+
+    def latent_source(self):
+        return len(self.images), self.moments, None
 
 
 def _import_pretrained(ctx: StageContext) -> dict[str, Any]:
@@ -111,15 +154,11 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     typed, trainer, diffusion = ctx.typed, ctx.typed.trainer, ctx.typed.diffusion
     if trainer.pretrained:
         return _import_pretrained(ctx)
-    if ctx.root.conditioning.kind in CONCAT_KINDS:
-        raise StageError(
-            f"conditioning.kind={ctx.root.conditioning.kind.value}: training a concat-conditioned LDM needs its "
-            "paired inputs (low-resolution or masked images) in the latent cache, which this harness does not build "
-            "yet; set trainer.pretrained to import released weights instead")
     dist = init_distributed(ctx.device)
     device = local_device(ctx.device, dist)
     first_stage = load_first_stage(ctx.run_dir, typed, device)
-    num_items, moments_fn, labels = _latent_source(ctx, first_stage)
+    concat = _ConcatSource(ctx, first_stage, device) if ctx.root.conditioning.kind in CONCAT_KINDS else None
+    num_items, moments_fn, labels = _latent_source(ctx, first_stage) if concat is None else concat.latent_source()
     unet = build_unet(typed).to(device)
     num_classes = num_label_classes(typed)
     if num_classes and labels is None:
@@ -172,6 +211,9 @@ def _body(ctx: StageContext) -> dict[str, Any]:
                          f">= conditioning.num_classes (the original reserves 1000 for ImageNet's 1000 classes)")
 
     def batch_fn(indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if concat is not None:  # the image's moments and its fresh condition, from the same (flipped) images
+            moments, cond = concat.batch(indices, generator)
+            return latents(moments, generator) * extra["scale_factor"], cond
         z = latents(moments_fn(indices, generator), generator) * extra["scale_factor"]
         cond = None
         if num_classes:

@@ -53,6 +53,8 @@ class TrainStep:
                                     weight_decay=weight_decay)
         self.scheduler = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
                           if lr_lambda is not None else None)
+        # a float condition is a cross-attention context, or the image a concat-conditioned model joins to z_t
+        self.float_condition = getattr(model, "float_condition", "context")
         self.ddp: Optional[nn.parallel.DistributedDataParallel] = None
         self.forward: Optional[Callable[..., torch.Tensor]] = None
 
@@ -65,7 +67,8 @@ class TrainStep:
         self.forward = compile_call(module, self.fast)
 
     def denoiser(self, cond: Optional[torch.Tensor]) -> Denoiser:
-        """eps(x_t, t) of the wrapped model under `cond`: labels go to `y`, a float context to `context`."""
+        """eps(x_t, t) of the wrapped model under `cond`: labels go to `y`, a float tensor to `context` (or to
+        `c_concat` for a concat-conditioned model)."""
         forward = self.forward
         if forward is None:
             raise RuntimeError("TrainStep.wrap() must run before the first step")
@@ -76,7 +79,7 @@ class TrainStep:
                 return forward(x_in, t)
             if cond.dtype in (torch.int64, torch.int32):
                 return forward(x_in, t, y=cond)
-            return forward(x_in, t, context=cond)
+            return forward(x_in, t, **{self.float_condition: cond})
         return denoise
 
     def step(self, next_micro_batch: Callable[[], MicroBatch]) -> torch.Tensor:
