@@ -19,6 +19,9 @@ class Family(str, Enum):
     ffhq = "ffhq"  # FFHQ images1024x1024 PNG tree + taming faceshq.py preprocessing
     celebahq = "celebahq"  # CelebA-HQ PGGAN .npy (or CelebA-HQ-img/*.jpg) + taming faceshq.py
     imagenet = "imagenet"  # ILSVRC2012 train/val folders + ldm/data/imagenet.py (taming ImagePaths)
+    # image-caption pairs (text-to-image, Tab. 2): a folder of images with a .txt caption beside each, WebDataset
+    # tar shards (LAION), or MS-COCO's captions annotation file (`captions` section)
+    captioned = "captioned"
 
 
 class Interpolation(str, Enum):
@@ -92,6 +95,34 @@ class BuiltinConfig:
     # "full" (smoke: any colours, one or two shapes) or "simple" (demo: six palette colours, one large shape);
     # see replication/data/builtin.py
     style: str = "full"
+    # each image's caption (what was drawn, in words) in captions.json, and the WordPiece vocabulary of those words
+    # as vocab.txt beside it, for the text-to-image smoke run
+    captions: bool = False
+
+
+class CaptionFormat(str, Enum):
+    folder = "folder"  # <split>/**/NAME.{jpg,png,...} with NAME.txt beside it (the caption, UTF-8)
+    webdataset = "webdataset"  # <split>/*.tar shards, each sample an image (jpg/png/webp) and its txt
+    coco = "coco"  # MS-COCO: annotations/captions_<split><year>.json and the images of <split><year>/
+
+
+class CaptionChoice(str, Enum):
+    first = "first"  # the caption with the lowest annotation id
+    random = "random"  # one of the image's captions drawn from (caption_seed, image id)
+
+
+@dataclass
+class CaptionsConfig:
+    """Image-caption data (family captioned). The text-to-image evaluation of Tab. 2 follows DALL-E's protocol on
+    30,000 MS-COCO validation images, but neither paper says which COCO year, which of an image's five captions
+    or which 30,000 images: here they are config values, recorded in the dataset card."""
+
+    format: CaptionFormat = CaptionFormat.folder
+    coco_year: str = "2014"
+    caption_choice: CaptionChoice = CaptionChoice.random
+    caption_seed: int = 0
+    # the split's images kept, drawn without replacement from (caption_seed) in image-id order (null: all)
+    subset: Optional[int] = None
 
 
 @dataclass
@@ -119,6 +150,7 @@ class DatasetConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     num_workers: int = 2
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)  # family captioned only
     source: str = MISSING  # citation: where the data and the preprocessing come from
 
 
@@ -145,7 +177,9 @@ def _check_consistency(cfg: DatasetConfig) -> None:
         fail(f"family '{cfg.family.value}' needs a resize interpolation")
     if cfg.splits.fallback_val_count is not None and cfg.splits.fallback_val_count < 0:
         fail(f"'splits.fallback_val_count' must be >= 0 (got {cfg.splits.fallback_val_count})")
-    if cfg.family in (Family.builtin, Family.imagenet):
+    if cfg.captions.subset is not None and cfg.captions.subset < 1:
+        fail(f"'captions.subset' must be positive or null (got {cfg.captions.subset})")
+    if cfg.family in (Family.builtin, Family.imagenet, Family.captioned):
         if cfg.splits.train_list or cfg.splits.val_list:
             fail(f"family '{cfg.family.value}' defines splits by folders; remove 'splits.*_list'")
     for f in cfg.download.files:

@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from replication.data import faces, imagenet, lsun
+from replication.data import captioned, faces, imagenet, lsun
 from replication.data.config import DatasetConfig, Family, Split
 from replication.data.sources import SplitRecords, decode_record
 
@@ -17,6 +17,7 @@ READERS: dict[Family, Callable[[DatasetConfig, Split, bool], SplitRecords]] = {
     Family.ffhq: faces.ffhq_split_records,
     Family.celebahq: lambda cfg, split, progress: faces.celebahq_split_records(cfg, split),
     Family.imagenet: lambda cfg, split, progress: imagenet.split_records(cfg, split),
+    Family.captioned: lambda cfg, split, progress: captioned.split_records(cfg, split),
 }
 
 

@@ -5,7 +5,7 @@ DiagonalGaussianDistribution.sample(); VQ: pre-quantisation features). Where tra
 flipped image is encoded too: flipping a latent is not the same as encoding the flipped image.
 
 On disk a cache is a folder (`<name>.latents/`) of .npy arrays written batch by batch into memory maps
-(moments.npy, moments_flip.npy, labels.npy) plus card.json, so a cache may be far larger than memory (LSUN
+(moments.npy, moments_flip.npy, labels.npy, captions.json) plus card.json, so a cache may be far larger than memory (LSUN
 at full size) and is read back by memory mapping. The folder is built under a temporary name and renamed
 when complete: a killed encoder leaves no half cache."""
 from __future__ import annotations
@@ -18,13 +18,16 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from replication.data.prepared import PreparedImages, epoch_order, flip_mask, publish_folder, to_model_input
+from replication.data.prepared import (PreparedImages, epoch_order, flip_mask, publish_folder, read_captions,
+                                       to_model_input)
 from replication.utils.io import ArtifactError, atomic_write_json, check_free_space, read_json
+from replication.utils.verify import file_sha256
 from replication.utils.progress import ProgressLog
 
 MOMENTS = "moments"
 MOMENTS_FLIP = "moments_flip"
 LABELS = "labels"
+CAPTIONS = "captions.json"
 CARD_NAME = "card.json"
 
 
@@ -69,7 +72,7 @@ def encode_to_cache(
     extra_card: Optional[dict] = None,
 ) -> dict:
     """Encode every prepared image (and its mirror image when `flips`) with `encode_fn(x: float NCHW in
-    [-1, 1]) -> moments`, and store moments(.npy), moments_flip, labels and card.json (preprocessing hash,
+    [-1, 1]) -> moments`, and store moments(.npy), moments_flip, labels, captions and card.json (preprocessing hash,
     autoencoder hash, shapes, flips, plus `extra_card`) in the folder `out_path`. Returns the card."""
     n = len(images)
     out = Path(out_path)
@@ -91,6 +94,9 @@ def encode_to_cache(
     shapes = {k: w.close() for k, w in writers.items()}
     if images.labels is not None:
         np.save(tmp / f"{LABELS}.npy", np.asarray(images.labels, dtype=np.int64))
+    captions = images.captions
+    if captions is not None:
+        atomic_write_json(tmp / CAPTIONS, captions)
     card = {
         "count": n,
         "moments_shape": shapes[MOMENTS],
@@ -102,6 +108,8 @@ def encode_to_cache(
         "source_images": str(images.dir),
         "source_card": images.card.get("files", {}),
     }
+    if captions is not None:
+        card.update(has_captions=True, captions_sha256=file_sha256(tmp / CAPTIONS))
     card.update(extra_card or {})
     atomic_write_json(card_path(tmp), card)
     publish_folder(tmp, out)
@@ -129,6 +137,8 @@ class LatentDataset(torch.utils.data.Dataset):
         flip_path, labels_path = self.path / f"{MOMENTS_FLIP}.npy", self.path / f"{LABELS}.npy"
         self.moments_flip = np.load(flip_path, mmap_mode="r") if flip_path.exists() else None
         self.labels = np.load(labels_path) if labels_path.exists() else None
+        self.captions = (read_captions(self.path / CAPTIONS, self.card.get("captions_sha256"), self.card["count"])
+                         if self.card.get("has_captions") else None)
         if self.moments.shape[0] != self.card["count"]:
             raise ArtifactError(f"{self.path}: {self.moments.shape[0]} rows but the card says {self.card['count']}")
 

@@ -11,7 +11,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
-from replication.data.builtin import make_builtin_labelled
+from replication.data.builtin import builtin_vocabulary, make_builtin_captioned
 from replication.data.config import DatasetConfig, Family, FidReference, OnCorrupt, Split
 from replication.data.download import (DownloadError, ManualDownloadRequired, download, manual_instructions, require_manual,
                                        safe_extract, verify_checksum)
@@ -19,6 +19,7 @@ from replication.data.prepared import CARD, PreparedImages, SkippedImage, write_
 from replication.data.preprocess import PreprocessSpec, crop_rng, preprocess_fn_for_spec, spec_for, spec_hash
 from replication.data.families import iter_records
 from replication.data.sources import CorruptImageError, RawRecord, decode_record, downloads_hint, find_list_file
+from replication.data.tokenizer import VOCAB_FILE
 from replication.utils.io import read_json, sha256_json
 from replication.utils.verify import verify_records
 
@@ -87,7 +88,7 @@ def _process(job: tuple[RawRecord, PreprocessSpec, int]):
         arr = _fn(spec)(decode_record(rec), crop_rng(spec, index))
     except CorruptImageError as exc:
         return ("corrupt", rec.name, exc.reason)
-    return ("ok", rec.key, arr, rec.label)
+    return ("ok", rec.key, arr, rec.label, rec.caption)
 
 
 def _jobs(records: Iterator[RawRecord], spec: PreprocessSpec) -> Iterator[tuple]:
@@ -114,7 +115,7 @@ def _items(results: Iterator[tuple], on_corrupt: OnCorrupt):
                 raise CorruptImageError(name, reason + " (set on_corrupt: skip to leave such files out)")
             yield SkippedImage(name, reason)
         else:
-            yield res[1], res[2], res[3]
+            yield res[1], res[2], res[3], res[4]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,6 +144,11 @@ def config_hash(cfg: DatasetConfig) -> str:
     fields = asdict(cfg)
     for location in ("num_workers", "root", "prepared_dir"):
         fields.pop(location)
+    # caption settings count only where captions are made: the splits of every other dataset keep their hash
+    if cfg.family is not Family.captioned:
+        fields.pop("captions")
+    if not cfg.builtin.captions:  # the captions switch counts only where it is on
+        fields["builtin"].pop("captions")
     return sha256_json(fields)
 
 
@@ -190,13 +196,21 @@ def _prepare_split(cfg: DatasetConfig, split: Split, train_mode: bool, out_name:
         n, start = (b.num_train, 0) if split is Split.train else (b.num_val, b.num_train)
         if cfg.max_images is not None:
             n = min(n, cfg.max_images)
-        images, labels = make_builtin_labelled(n, cfg.resolution, b.seed, start=start, style=b.style)
+        images, labels, captions = make_builtin_captioned(n, cfg.resolution, b.seed, start=start, style=b.style)
         card["split_origin"] = {"kind": "builtin", "rule": f"images {start}..{start + n - 1} of seed {b.seed}, style {b.style}",
                                 "listed": n}
         if b.labels:
             card["split_origin"]["labels"] = "kind of the first shape: 0 disc, 1 square, 2 ring"
-        items = ((f"{start + i:06d}", images[i], int(labels[i]) if b.labels else None) for i in range(n))
-        final = write_prepared(items, out_dir, card, progress=progress, total=n)
+        extra = {}
+        if b.captions:
+            card["split_origin"]["captions"] = "what was drawn: 'a COLOUR SHAPE on a COLOUR and COLOUR gradient'"
+            vocab = builtin_vocabulary()
+            card["vocabulary"] = {"file": VOCAB_FILE, "tokens": len(vocab),
+                                  "rule": "BERT's special tokens, then every word of the built-in captions"}
+            extra[VOCAB_FILE] = "".join(t + "\n" for t in vocab)
+        items = ((f"{start + i:06d}", images[i], int(labels[i]) if b.labels else None,
+                  captions[i] if b.captions else None) for i in range(n))
+        final = write_prepared(items, out_dir, card, progress=progress, total=n, extra_files=extra)
         return _summary(out_dir, final, reused=False)
     card["downloads"] = ensure_raw(cfg, progress)
     try:

@@ -1,5 +1,6 @@
 """Prepared images: one uint8 (N, H, W, 3) `.npy` file read through a memory map (random access without
-decoding), optional `labels.npy`, `keys.txt`, and `card.json` (source, counts, checksums, preprocessing hash,
+decoding), optional `labels.npy` and `captions.json` (one caption per image, a JSON list of strings), `keys.txt`,
+and `card.json` (source, counts, checksums, preprocessing hash,
 skipped files). card.json is written last: a folder without it is an unfinished preparation."""
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from replication.utils.verify import file_sha256
 CARD = "card.json"
 IMAGES = "images.npy"
 LABELS = "labels.npy"
+CAPTIONS = "captions.json"
 KEYS = "keys.txt"
 FORMAT_VERSION = 1
 _HEADER_BYTES = 128  # fixed .npy v1 header, rewritten with the final count (numpy pads headers to 64 bytes)
@@ -33,7 +35,9 @@ class SkippedImage:
     reason: str
 
 
-PreparedItem = Union[tuple[str, np.ndarray, Optional[int]], SkippedImage]
+# (key, image, label) or (key, image, label, caption)
+PreparedItem = Union[tuple[str, np.ndarray, Optional[int]], tuple[str, np.ndarray, Optional[int], Optional[str]],
+                     SkippedImage]
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:
@@ -50,10 +54,12 @@ def write_prepared(
     card: dict,
     progress: bool = True,
     total: Optional[int] = None,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> dict:
     """Stream images into `out_dir/images.npy` (written under a temporary name, renamed when complete), then
-    labels.npy, keys.txt and card.json. `card` must hold `spec_hash`; counts, shapes, skipped files and the
-    sha256 of every written file are added. Returns the final card."""
+    labels.npy, captions.json, keys.txt, the text files `extra_files` (name -> content, e.g. a vocabulary) and
+    card.json. `card` must hold `spec_hash`; counts, shapes, skipped files and the sha256 of every written file are
+    added. Returns the final card."""
     if "spec_hash" not in card:
         raise ValueError("write_prepared: the card must carry 'spec_hash' (the preprocessing hash)")
     final_dir = Path(out_dir)
@@ -65,6 +71,7 @@ def write_prepared(
     try:
         keys: list[str] = []
         labels: list[Optional[int]] = []
+        captions: list[Optional[str]] = []
         skipped: list[dict] = []
         hw: Optional[tuple[int, int]] = None
         bar = ProgressLog(f"prepare {final_dir.name}", total=total, unit="img", bar=progress)
@@ -76,7 +83,7 @@ def write_prepared(
                     if isinstance(item, SkippedImage):
                         skipped.append({"name": item.name, "reason": item.reason})
                         continue
-                    key, arr, label = item
+                    key, arr, label, *rest = item
                     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
                         raise ValueError(f"image '{key}': expected uint8 HWC RGB, got {arr.dtype} {arr.shape}")
                     if hw is None:
@@ -86,6 +93,7 @@ def write_prepared(
                     fh.write(np.ascontiguousarray(arr).tobytes())
                     keys.append(key)
                     labels.append(label)
+                    captions.append(rest[0] if rest else None)
                 if not keys:
                     raise ValueError(f"no images to write to {final_dir} ({len(skipped)} skipped)")
                 fh.seek(0)
@@ -100,6 +108,16 @@ def write_prepared(
                 with open(tmp, "wb") as fh:
                     np.save(fh, np.asarray(labels, dtype=np.int64))
             files[LABELS] = file_sha256(out_dir / LABELS)
+        has_captions = any(c is not None for c in captions)
+        if has_captions:
+            missing = [k for k, c in zip(keys, captions) if c is None]
+            if missing:
+                raise ValueError(f"some images have captions and some do not (no caption: {missing[:3]})")
+            atomic_write_json(out_dir / CAPTIONS, captions)
+            files[CAPTIONS] = file_sha256(out_dir / CAPTIONS)
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(out_dir / name, text)
+            files[name] = file_sha256(out_dir / name)
         atomic_write_text(out_dir / KEYS, "".join(k + "\n" for k in keys))
         files[KEYS] = file_sha256(out_dir / KEYS)
         final = dict(card)
@@ -109,6 +127,7 @@ def write_prepared(
             shape=[len(keys), hw[0], hw[1], 3],
             dtype="uint8",
             has_labels=has_labels,
+            has_captions=has_captions,
             files=files,
             skipped=skipped,
             num_skipped=len(skipped),
@@ -119,6 +138,19 @@ def write_prepared(
         raise
     publish_folder(out_dir, final_dir)
     return final
+
+
+def read_captions(path: Path, sha256: Optional[str], count: int) -> list[str]:
+    """The captions file `path`: a JSON list of `count` strings whose file hashes to `sha256` (when recorded), so a
+    caption changed after preparation is named instead of trained on."""
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: its card says the images have captions (prepare again)")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ArtifactError(f"{path} differs from the SHA-256 its card records (prepare again)")
+    captions = read_json(path)
+    if not isinstance(captions, list) or len(captions) != count or not all(isinstance(c, str) for c in captions):
+        raise ArtifactError(f"{path} is not a list of {count} caption strings")
+    return captions
 
 
 def publish_folder(built: Path, final: Path) -> None:
@@ -199,6 +231,8 @@ class PreparedImages(torch.utils.data.Dataset):
         self._images: Optional[np.ndarray] = None
         self._labels: Optional[np.ndarray] = None
         self._labels_loaded = False
+        self._captions: Optional[list[str]] = None
+        self._captions_loaded = False
 
     # -- metadata -------------------------------------------------------------------------------------
     @property
@@ -243,6 +277,19 @@ class PreparedImages(torch.utils.data.Dataset):
                 self._labels = np.load(self.dir / LABELS)
             self._labels_loaded = True
         return self._labels
+
+    @property
+    def captions(self) -> Optional[list[str]]:
+        """Each image's caption (image-caption datasets), checked against the SHA-256 its card records; None
+        without captions."""
+        if not self._captions_loaded:
+            if self._parts:
+                parts = [p.captions for p in self._parts]
+                self._captions = None if any(x is None for x in parts) else [c for part in parts for c in part]
+            elif self.card.get("has_captions"):
+                self._captions = read_captions(self.dir / CAPTIONS, self.card["files"].get(CAPTIONS), len(self))
+            self._captions_loaded = True
+        return self._captions
 
     def get_batch(self, indices: np.ndarray) -> np.ndarray:
         """uint8 (len(indices), H, W, 3), in the order given."""

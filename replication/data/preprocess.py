@@ -143,6 +143,9 @@ _EXPECTED_INTERPOLATION = {
     Family.ffhq: Interpolation.cv2_bilinear,
     Family.celebahq: Interpolation.cv2_bilinear,
     Family.imagenet: Interpolation.cv2_bilinear,
+    # image-caption data (LAION, COCO): the release's txt2img loader is not public; centre crop to the shorter
+    # side and a PIL bicubic resize, as the LSUN loader, is this harness's choice
+    Family.captioned: Interpolation.pil_bicubic,
 }
 
 
@@ -179,7 +182,7 @@ def preprocess_fn_for_spec(spec: PreprocessSpec) -> PreprocessFn:
     """A picklable `fn(img, rng) -> uint8 HWC` (rng is used only by random crops)."""
     family = Family(spec.family)
     size = spec.resolution
-    if family is Family.lsun:
+    if family in (Family.lsun, Family.captioned):
         return partial(_drop_rng, partial(preprocess_lsun, size=size))
     if family in (Family.ffhq, Family.celebahq):
         return partial(_drop_rng, partial(preprocess_faces, size=size))

@@ -45,11 +45,12 @@ class RawRecord:
     kind: str = PayloadKind.IMAGE
     label: Optional[int] = None
     md5: Optional[str] = None  # publisher's per-file checksum, verified when reading
+    caption: Optional[str] = None  # image-caption datasets (text-to-image)
 
 
 @dataclass
 class SplitRecords:
-    count: int  # number of records `records` will yield
+    count: Optional[int]  # number of records `records` will yield (None: known only once read, WebDataset shards)
     records: Iterator[RawRecord]
     origin: dict = field(default_factory=dict)  # how the split was defined (list file + hash, or fallback rule)
 

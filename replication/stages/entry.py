@@ -79,6 +79,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
         errors += [WeightsNotFoundError, StandinNotAllowedError, ReferenceMismatchError]
     except ImportError:
         pass
+    try:  # text-to-image: the user-supplied vocabulary and image-caption data
+        from replication.data.captioned import CaptionDataError
+        from replication.data.tokenizer import VocabularyError, VocabularyNotFoundError
+
+        errors += [VocabularyNotFoundError, VocabularyError, CaptionDataError]
+    except ImportError:
+        pass
     return tuple(errors)
 
 
