@@ -307,8 +307,13 @@ def validate_config(cfg: DictConfig) -> TypedConfig:
 
 
 def _check_concat_inputs(typed: TypedConfig) -> None:
-    """A concat-conditioned U-Net reads z_t and the condition: its in_channels must be what the task joins."""
+    """A concat-conditioned U-Net reads z_t and the condition: its in_channels must be what the task joins.
+    Image guiding compares the decoded sample with the low-resolution input, so only super-resolution has it."""
     kind = typed.root.conditioning.kind
+    if typed.sampler.image_guidance_scale > 0.0 and kind != ConditioningKind.lowres:
+        raise ConfigError(f"sampler.image_guidance_scale={typed.sampler.image_guidance_scale:g} guides toward the "
+                          f"low-resolution input, which only conditioning.kind=lowres has (got {kind.value}); set "
+                          "it to 0")
     if kind not in CONCAT_KINDS:
         return
     from replication.models.concat_conditioning import concat_in_channels

@@ -12,6 +12,7 @@ from omegaconf import MISSING, DictConfig
 from replication.diffusion.ddim import (DDIMSpacing, NoiseSource, SampleResult, StepCallback, TablePrecision, ddim_loop,
                                         ddim_timesteps)
 from replication.diffusion.ddpm import ddpm_loop
+from replication.diffusion.guidance import ImageGuidanceLoss, ImageGuidanceTarget
 from replication.diffusion.lr_schedule import LRWarmupKind, make_lr_multiplier
 from replication.diffusion.objective import LossType, Parameterization
 from replication.diffusion.plms import plms_loop
@@ -76,6 +77,12 @@ class SamplerConfig:
     # DDIMSampler.make_schedule (`alphas_cumprod = self.model.alphas_cumprod`); float64: from the float64 schedule
     table_precision: str = TablePrecision.FLOAT32.value
     guidance_scale: float = 1.0  # 1 = no guidance (original ddim.py convention)
+    # image guiding (paper App. C; the "guiding" rows of Tab. 5/11), super-resolution only: 0 = off. The paper
+    # gives no scale; the loss is the guider's (guidance.ImageGuidanceLoss), the target what it compares
+    # (guidance.ImageGuidanceTarget, our choice: the paper does not say)
+    image_guidance_scale: float = 0.0
+    image_guidance_loss: str = ImageGuidanceLoss.LPIPS.value
+    image_guidance_target: str = ImageGuidanceTarget.LOWRES.value
     num_samples: int = MISSING
     batch_size: int = MISSING
     seed: int = 0  # sample i uses seed + i (StackedRandomGenerator)
@@ -144,6 +151,11 @@ def validate_sampler_cfg(cfg: Mapping[str, Any] | DictConfig, num_timesteps: int
         raise ConfigError(f"{path}.steps: {e}") from None
     if not c.guidance_scale >= 0.0:
         raise ConfigError(f"{path}.guidance_scale must be >= 0, got {c.guidance_scale}")
+    if not c.image_guidance_scale >= 0.0:
+        raise ConfigError(f"{path}.image_guidance_scale must be >= 0 (0: no image guidance), got "
+                          f"{c.image_guidance_scale}")
+    _enum(ImageGuidanceLoss, c.image_guidance_loss, f"{path}.image_guidance_loss")
+    _enum(ImageGuidanceTarget, c.image_guidance_target, f"{path}.image_guidance_target")
     for key in ("num_samples", "batch_size"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{path}.{key} must be >= 1, got {getattr(c, key)}")
@@ -155,7 +167,7 @@ def validate_sampler_cfg(cfg: Mapping[str, Any] | DictConfig, num_timesteps: int
 def run_sampler(cfg: SamplerConfig, denoiser, x_T, schedule: Schedule, rng: Optional[NoiseSource] = None,
                 progress: bool = False, callback: Optional[StepCallback] = None) -> SampleResult:
     """Dispatch to the sampler named by cfg.kind. Guidance is applied by wrapping `denoiser` beforehand
-    (guidance.classifier_free)."""
+    (guidance.classifier_free, guidance.classifier_guided, guidance.image_guided)."""
     kind = _enum(SamplerKind, cfg.kind, "sampler.kind")
     precision = _enum(TablePrecision, cfg.table_precision, "sampler.table_precision")
     if kind is SamplerKind.DDIM:
