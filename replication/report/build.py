@@ -2,8 +2,8 @@
 chosen finished reports from one reports folder (the pipeline's, under runs/) into another (the tracked reports/).
 
 Files of a reports folder:
-- per experiment: `<exp>.md`, `figures/<exp>_<figure>.png`, `plots/<exp>_<curve>.csv` (names in
-  `experiment_files`), and `metrics/<exp>/{metrics,recon_metrics}.json`, a copy of the metrics file it was made from;
+- per experiment: `<exp>.md`, `figures/<exp>_<figure>.png` (curves, sample grids and a super-resolution or
+  inpainting run's examples), `plots/<exp>_<curve>.csv` (names in `experiment_files`), and `metrics/<exp>/{metrics,recon_metrics}.json`, a copy of the metrics file it was made from;
 - the summary (`summary.md`, `summary.csv`, `metrics_summary.json`, `metrics_flat.json`, the figures and plots in
   `SUMMARY_FIGURES` / `SUMMARY_PLOTS`), rebuilt from every metrics copy under `metrics/`: reporting or publishing
   one experiment never drops the rows of another.
@@ -48,8 +48,9 @@ FIG_FID_VS_TRAIN_STEPS = "fid_vs_train_steps"
 FIG_TRAIN_LOSS = "train_loss"
 FIG_SAMPLES = "samples"
 FIG_TRAIN_IMAGES = "train_images"  # training images beside the samples, drawn by the report stage too
+FIG_TASK_EXAMPLES = "examples"  # a concat task's inputs, results and originals, from the evaluate stage's examples file
 EXPERIMENT_FIGURES = (FIG_FID_VS_DDIM_STEPS, FIG_FID_VS_THROUGHPUT, FIG_FID_VS_TRAIN_STEPS, FIG_TRAIN_LOSS, FIG_SAMPLES,
-                      FIG_TRAIN_IMAGES)
+                      FIG_TRAIN_IMAGES, FIG_TASK_EXAMPLES)
 PLOT_FID_VS_STEPS = "fid_vs_steps"
 PLOT_FID_VS_TRAIN_STEPS = "fid_vs_train_steps"
 PLOT_TRAIN_LOSS = "train_loss"
@@ -58,6 +59,12 @@ SUMMARY_FIGURES = ("fid_vs_ddim_steps.png", "fid_vs_throughput.png", "fid_vs_tra
                    "fid_ours_vs_paper.png")
 SUMMARY_PLOTS = ("recon_vs_f.csv", "fid_ours_vs_paper.csv")
 SUMMARY_FILES = (SUMMARY_MD, SUMMARY_CSV, METRICS_SUMMARY_JSON, METRICS_FLAT_JSON)
+# Columns of a task's example figure: (column title, array of the examples file), left to right.
+TASK_EXAMPLE_COLUMNS = {
+    S.TASK_SUPERRES: (("LR (input)", S.EX_LOWRES), ("SR (ours)", S.EX_OUTPUT), ("HR (original)", S.EX_TARGET)),
+    S.TASK_INPAINTING: (("input", S.EX_INPUT), ("mask", S.EX_MASK), ("result (ours)", S.EX_OUTPUT),
+                        ("original", S.EX_TARGET)),
+}
 
 
 def figure_name(experiment: str, figure: str) -> str:
@@ -179,6 +186,42 @@ def _sample_grid_images(run_dir: Path, grid_images: int) -> tuple[np.ndarray, Pa
     return load_sample_subset(samples_dir, range(min(total, grid_images))), samples_dir
 
 
+def task_example_columns(run_dir: Path, task: Mapping[str, Any]) -> list[tuple[str, np.ndarray]] | None:
+    """The columns of a concat task's example figure (`TASK_EXAMPLE_COLUMNS`), read from the examples file the task
+    record names (relative to `run_dir`, which it must not leave); None when the record names none, the file is not
+    there (a metrics file copied without it), or the task has no figure."""
+    from replication.utils.paths import contained
+
+    columns = TASK_EXAMPLE_COLUMNS.get(task.get(S.TASK_KIND))
+    rel = task.get(S.TASK_EXAMPLES)
+    if columns is None or rel is None:
+        return None
+    path = contained(run_dir, rel, what=f"{S.K_TASK}.{S.TASK_EXAMPLES}")
+    if not path.is_file():
+        log.info("report: %s names no existing examples file (%s); no example figure", run_dir.name, path)
+        return None
+    with np.load(path, allow_pickle=False) as examples:
+        missing = [key for _, key in columns if key not in examples.files]
+        if missing:
+            raise ValueError(f"{path}: array(s) {missing} missing; a {task[S.TASK_KIND]} examples file holds "
+                             f"{[key for _, key in columns]} (found {examples.files})")
+        return [(label, examples[key]) for label, key in columns]
+
+
+def _task_figure(ec: ExperimentComparison, w: _Writer, runs_dir: Path) -> dict[str, str]:
+    task = ec.run.task
+    columns = task_example_columns(runs_dir / ec.experiment, task)
+    if columns is None:
+        return {}
+    what = "LR | SR | HR" if task[S.TASK_KIND] == S.TASK_SUPERRES else "input | mask | result | original"
+    title = f"{ec.experiment}: {T.TASK_TITLES[task[S.TASK_KIND]].lower()} examples ({what})"
+    path = w.fig(figure_name(ec.experiment, FIG_TASK_EXAMPLES))
+    try:
+        return {"task examples": w.add(F.plot_task_examples(columns, path, title, ec.comparable))}
+    except ValueError as exc:
+        raise ValueError(f"{runs_dir / ec.experiment / task[S.TASK_EXAMPLES]}: {exc}") from exc
+
+
 def _experiment_figures(ec: ExperimentComparison, paper: PaperResults, w: _Writer, runs_dir: Path, grid_images: int, grid_nrow: int) -> dict[str, str]:
     figs: dict[str, str] = {}
     run = ec.run
@@ -213,6 +256,8 @@ def _experiment_figures(ec: ExperimentComparison, paper: PaperResults, w: _Write
         train_grid = w.fig(figure_name(exp, FIG_TRAIN_IMAGES))
         if grid_images == 0 and train_grid.is_file():  # ... and the training images to compare them with
             figs["training images"] = f"{FIGURES_DIR}/{train_grid.name}"
+        if run.task:
+            figs.update(_task_figure(ec, w, runs_dir))
     return figs
 
 
@@ -258,7 +303,7 @@ def _summary_figures(comps: Sequence[ExperimentComparison], paper: PaperResults,
     figs["reconstruction vs f"] = w.add(F.plot_recon_vs_f(paper_pts, ours, w.fig(RECON_FIGURE)))
     items = []
     for ec in comps:
-        r = ec.row(S.FID) if ec.kind is RunKind.GENERATION else None
+        r = ec.row(ec.headline) if ec.kind is RunKind.GENERATION else None
         if r is not None and r.comparison.paper is not None and r.comparison.ours is not None:
             ci = r.comparison.interval
             items.append({"label": ec.experiment, "paper": r.comparison.paper, "ours": r.comparison.ours,
@@ -356,7 +401,7 @@ def build_report(
             if ec.kind is RunKind.RECONSTRUCTION:
                 figs["reconstruction vs f (all autoencoders)"] = f"{FIGURES_DIR}/{RECON_FIGURE}"
             verdicts.setdefault(name, {})[str(ec.kind)] = str(ec.verdict)
-        w.written.append(write_text(reports_dir / f"{name}.md", T.experiment_markdown(name, ecs, figs, rule)))
+        w.written.append(write_text(reports_dir / f"{name}.md", T.experiment_markdown(name, ecs, figs, rule, paper)))
         w.written.extend(_keep_metrics_copy(reports_dir, name, kinds))
     summary = build_summary(reports_dir, paper_dir, tolerances, strict)
     w.written.extend(summary["written"])

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from . import schema as S
-from .paper import LDM_PAPER_METRIC, PaperResults
+from .paper import PaperResults, headline_metric, paper_metric_map
 from .protocol import ProtocolEntry, compare_protocol
 from .verdict import Comparison, Tolerance, Verdict, judge, overall
 
@@ -66,10 +66,34 @@ class ExperimentComparison:
     def row(self, metric: str) -> MetricRow | None:
         return next((r for r in self.rows if r.metric == metric), None)
 
+    @property
+    def table(self) -> str | None:
+        """The paper table an LDM run is compared with, None for an autoencoder or a run without a paper key."""
+        return None if self.kind is not RunKind.GENERATION or not self.paper_key else self.paper_key[S.P_TABLE]
 
-def _ordered(names: list[str]) -> list[str]:
-    first = [m for m in METRIC_ORDER if m in names]
-    return first + [m for m in names if m not in first]
+    @property
+    def headline(self) -> str:
+        """The metric that stands for the run where one number must: rFID for an autoencoder, else its table's."""
+        return S.RFID if self.kind is RunKind.RECONSTRUCTION else headline_metric(self.table)
+
+
+def _ordered(names: list[str], first: tuple[str, ...] = ()) -> list[str]:
+    """`first` (the paper's metrics of the run's table, in the table's order), then METRIC_ORDER, then the rest."""
+    head = [m for m in dict.fromkeys(first + METRIC_ORDER) if m in names]
+    return head + [m for m in names if m not in head]
+
+
+def _ldm_note(name: str, mv: S.MetricValue | None, run: S.LdmRun) -> str:
+    """What a row of an LDM run needs said beside its numbers: the metric's protocol, what its FID is measured
+    against, or why the run has no value."""
+    parts = []
+    if mv is not None and mv.protocol:
+        parts.append(f"protocol {mv.protocol}")
+    if mv is not None and mv.reference:
+        parts.append(f"against {mv.reference}")
+    if name in run.unmeasured:
+        parts.append(f"no value: {run.unmeasured[name]}")
+    return "; ".join(parts)
 
 
 def paper_label(key: Mapping | None) -> str:
@@ -87,14 +111,16 @@ def compare_ldm(run: S.LdmRun, paper: PaperResults, tolerances: Mapping[str, Tol
     """Verdict per metric of one LDM run; an unknown paper key raises PaperKeyError."""
     key = run.paper
     paper_metrics: list[str] = []
+    mapping = paper_metric_map(None if key is None else key[S.P_TABLE])
     if key is not None:
         paper_metrics = paper.metrics_of(key[S.P_TABLE], key[S.P_DATASET], key[S.P_METHOD], key.get(S.P_RESOLUTION))
-    reverse = {v: k for k, v in LDM_PAPER_METRIC.items()}
+    reverse = {v: k for k, v in mapping.items()}
     names = list(run.metrics) + [reverse[m] for m in paper_metrics if m in reverse and reverse[m] not in run.metrics]
+    names += [m for m in run.unmeasured if m not in names]
     rows = []
-    for name in _ordered(names):
+    for name in _ordered(names, tuple(mapping)):
         mv = run.metrics.get(name)
-        pm = LDM_PAPER_METRIC.get(name)
+        pm = mapping.get(name)
         prow = None
         if key is not None and pm in paper_metrics:
             prow = paper.row(key[S.P_TABLE], key[S.P_DATASET], key[S.P_METHOD], pm, key.get(S.P_RESOLUTION))
@@ -102,9 +128,7 @@ def compare_ldm(run: S.LdmRun, paper: PaperResults, tolerances: Mapping[str, Tol
             name, None if mv is None else mv.value, None if prow is None else prow.value,
             None if mv is None else mv.ci95, run.comparable, tolerances=tolerances,
         )
-        note = ""
-        if mv is not None and mv.protocol:
-            note = f"protocol {mv.protocol}"
+        note = _ldm_note(name, mv, run)
         rows.append(MetricRow(
             comp, pm if prow is not None else None,
             None if prow is None else prow.plus_minus,

@@ -2,7 +2,8 @@
 
 Fig.7-style: FID against DDIM steps and against sampling throughput; Fig.6-style: FID against training
 steps; reconstruction quality against the downsampling factor f (Tab.8 points and ours); ours vs paper
-per experiment; sample grids. A figure that shows a not-comparable run says so in its title.
+per experiment; sample grids; a super-resolution or inpainting run's examples beside their inputs and originals. A
+figure that shows a not-comparable run says so in its title.
 """
 from __future__ import annotations
 
@@ -235,6 +236,47 @@ def plot_ours_vs_paper(items: pd.DataFrame, path: str | Path, metric: str = "FID
     ax.legend(fontsize=7)
     full = title_for(f"{metric}: ours vs paper", [bool(c) for c in items["comparable"]])
     ax.set_title(full, fontsize=9)
+    return _save(fig, path, full)
+
+
+EXAMPLE_CELL_INCHES = 1.6  # side of one image in a task's example figure
+
+
+def task_examples_figure(columns: Sequence[tuple[str, np.ndarray]], title: str, comparable: bool = True) -> tuple[Figure, str]:
+    """The figure of `plot_task_examples`, unsaved: one row per example, one column per (label, uint8 array) pair,
+    each image drawn as stored (no resampling); a 2-D array (NHW, a mask) in grey from 0 to 255."""
+    if not columns:
+        raise ValueError("a task's example figure needs at least one column")
+    arrays = [np.asarray(a) for _, a in columns]
+    n = len(arrays[0])
+    for (label, _), a in zip(columns, arrays):
+        if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] not in (1, 3)):
+            raise ValueError(f"column {label!r}: want uint8 NHWC (1 or 3 channels) or NHW, got dtype {a.dtype}, shape {a.shape}")
+        if len(a) != n or len(a) == 0:
+            raise ValueError(f"column {label!r}: {len(a)} images, the first column has {n}; every column needs the same, above 0")
+    fig = Figure(figsize=(EXAMPLE_CELL_INCHES * len(columns), EXAMPLE_CELL_INCHES * n + 0.6), dpi=DPI)
+    FigureCanvasAgg(fig)
+    for r in range(n):
+        for c, ((label, _), a) in enumerate(zip(columns, arrays)):
+            ax = fig.add_subplot(n, len(columns), r * len(columns) + c + 1)
+            image = a[r, ..., 0] if a.ndim == 4 and a.shape[-1] == 1 else a[r]
+            if image.ndim == 2:
+                ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            else:
+                ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+    full = title_for(title, comparable)
+    fig.suptitle(full, fontsize=9)
+    return fig, full
+
+
+def plot_task_examples(columns: Sequence[tuple[str, np.ndarray]], path: str | Path, title: str, comparable: bool = True) -> Path:
+    """A super-resolution or inpainting run's examples side by side (LR | SR | HR; input | mask | result | original),
+    one evaluation image per row."""
+    fig, full = task_examples_figure(columns, title, comparable)
     return _save(fig, path, full)
 
 

@@ -30,6 +30,35 @@ TABLE_AUTOENCODERS = "8"  # Tab.8: first-stage reconstruction quality on ImageNe
 
 # Our metric key -> the paper's metric name in results.csv for LDM runs.
 LDM_PAPER_METRIC = {S.FID: "FID", S.PRECISION: "precision", S.RECALL: "recall", S.IS: "IS"}
+# The same for the tables of the image-conditioned tasks, which name their metrics differently. Super-resolution
+# (Tab. 5, 11) reports FID against the validation and against the training split, IS, PSNR and SSIM; its "FID" column
+# belongs to the baselines, whose reference split is not stated, so our FID is not put there. Inpainting (Tab. 7):
+# FID and LPIPS over all images and over the 40-50 % masked ones. Tab. 6 gives one quality number, the FID of 2k
+# validation images after 6 epochs, which is what our FID_all measures on the run's evaluation images.
+SUPERRES_PAPER_METRIC = {S.FID_VALSPLIT: "FID_valsplit_ref", S.FID_TRAINSPLIT: "FID_trainsplit_ref", S.IS: "IS",
+                         S.PSNR: "PSNR", S.SSIM: "SSIM"}
+INPAINTING_PAPER_METRIC = {S.FID_ALL: "FID_all", S.LPIPS_ALL: "LPIPS_all", S.FID_HARD: "FID_40-50pct_masked",
+                           S.LPIPS_HARD: "LPIPS_40-50pct_masked"}
+TASK_PAPER_METRIC = {"5": SUPERRES_PAPER_METRIC, "11": SUPERRES_PAPER_METRIC, "6": {S.FID_ALL: "FID_2k_val_after_epoch6"},
+                     "7": INPAINTING_PAPER_METRIC}
+
+
+def paper_metric_map(table: Any | None) -> dict[str, str]:
+    """Our metric key -> the paper's metric name, for an LDM run compared with `table` (None: a run without a paper
+    key, named as the generation tables name it)."""
+    return TASK_PAPER_METRIC.get(str(table), LDM_PAPER_METRIC)
+
+
+def headline_metric(table: Any | None) -> str:
+    """The metric that stands for an LDM run of `table` where one number must (the summary's overview, the
+    ours-vs-paper figure): FID, or the task table's first FID."""
+    return next(iter(paper_metric_map(table)))
+
+
+def context_metrics(table: Any) -> list[str] | None:
+    """The paper's metrics shown when placing a run among the rows of `table`: the four of the generation tables, or
+    every metric of a task table (its baselines' FID and the throughputs included); None means all."""
+    return None if str(table) in TASK_PAPER_METRIC else list(LDM_PAPER_METRIC.values())
 # Our reconstruction metric key -> (source, column or metric name). LPIPS has no paper counterpart: the
 # paper's PSIM is not a plain mean LPIPS (values > 1; PROTOCOL.md section 1).
 RECON_PAPER_METRIC = {
@@ -163,10 +192,16 @@ class PaperResults:
         return list(dict.fromkeys(by_method["metric"]))
 
     def context_table(self, table: Any, dataset: str, metrics: Iterable[str] | None = None, resolution: int | None = None) -> pd.DataFrame:
-        """One row per method (paper order) and one column per metric, for placing a run among its table."""
+        """One row per method (paper order) and one column per metric, for placing a run among its table. A metric
+        that one method reports at several resolutions (Tab. 6's sampling throughput) gets a column per resolution,
+        named "<metric> @ <resolution> px"."""
         df = self.rows(table, dataset, resolution)
         if metrics is not None:
             df = df[df["metric"].isin(list(metrics))]
+        split = {m for (_, m), n in df.groupby(["method", "metric"]).size().items() if n > 1}
+        if split:
+            df = df.assign(metric=[f"{m} @ {int(r)} px" if m in split and pd.notna(r) else m
+                                   for m, r in zip(df["metric"], df["resolution"])])
         order = list(dict.fromkeys(df["method"]))
         wide = df.pivot_table(index="method", columns="metric", values="value", aggfunc="first")
         cols = [m for m in dict.fromkeys(df["metric"]) if m in wide.columns]

@@ -29,6 +29,14 @@ PSNR = "PSNR"
 SSIM = "SSIM"
 LPIPS = "LPIPS"
 FID_INF = "FID_inf"  # reported from the top-level key below; Chong & Forsyth 2020
+# Super-resolution (Tab. 5, 11): FID against the validation and the training split's features.
+FID_VALSPLIT = "FID_valsplit_ref"
+FID_TRAINSPLIT = "FID_trainsplit_ref"
+# Inpainting (Tab. 6, 7): FID and LPIPS of every inpainted image against its original, and of the 40-50 % masked ones.
+FID_ALL = "FID_all"
+LPIPS_ALL = "LPIPS_all"
+FID_HARD = "FID_40-50pct_masked"
+LPIPS_HARD = "LPIPS_40-50pct_masked"
 
 # Keys of one metric entry.
 VALUE = "value"
@@ -36,6 +44,8 @@ CI95 = "ci95"
 STD = "std"
 N_SAMPLES = "n_samples"
 METRIC_PROTOCOL = "protocol"
+METRIC_REFERENCE = "reference"  # what an FID compares against, where a run has several (train split, val split, ...)
+METRIC_NOTE = "note"  # why a metric has no value (`"value": null`)
 
 # Top-level keys.
 K_SCHEMA_VERSION = "schema_version"
@@ -55,6 +65,23 @@ K_FIRST_STAGE = "first_stage"  # the run's autoencoder: reconstruction PSNR (val
 K_AUTOENCODER = "autoencoder"
 K_F = "f"
 K_N_IMAGES = "n_images"
+
+# Keys of "task" (concat tasks) and of its masked-area bins.
+TASK_KIND = "task"
+TASK_SUPERRES = "superres"
+TASK_INPAINTING = "inpainting"
+TASK_BINS = "bins"
+TASK_EXAMPLES = "examples"  # path of the examples file, relative to the run folder
+B_COUNT = "count"
+B_FID = "FID"
+B_FID_NOTE = "FID_note"
+B_LPIPS = "LPIPS"
+# Arrays of the examples file (uint8; images NHWC, the inpainting mask NHW with 255 = hole).
+EX_LOWRES = "lowres"  # nearest-upsampled to the output size
+EX_INPUT = "input"  # the image with its hole grey
+EX_MASK = "mask"
+EX_OUTPUT = "output"
+EX_TARGET = "target"
 
 # Keys of "paper".
 P_TABLE = "table"
@@ -100,6 +127,7 @@ class MetricValue:
     std: float | None = None
     n_samples: int | None = None
     protocol: str | None = None
+    reference: str | None = None
 
     @property
     def interval(self) -> tuple[float, float] | None:
@@ -123,6 +151,8 @@ class LdmRun:
     first_stage: dict[str, Any] = field(default_factory=dict)
     fid_inf: float | None = None
     created: str | None = None
+    task: dict[str, Any] = field(default_factory=dict)  # the concat task's record, validated by `_task`
+    unmeasured: dict[str, str] = field(default_factory=dict)  # metric -> why it has no value
 
 
 @dataclass(frozen=True)
@@ -198,14 +228,61 @@ def _metric(path: Path, name: str, entry: Any) -> MetricValue:
     if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
         raise _fail(path, f"{key}.{N_SAMPLES}", f"must be null or a non-negative integer, got {n!r}")
     proto = entry.get(METRIC_PROTOCOL)
-    return MetricValue(float(entry[VALUE]), ci, None if std is None else float(std), n, proto)
+    ref = entry.get(METRIC_REFERENCE)
+    return MetricValue(float(entry[VALUE]), ci, None if std is None else float(std), n, proto,
+                       ref if isinstance(ref, str) else None)
 
 
-def _metrics(path: Path, data: Mapping[str, Any]) -> dict[str, MetricValue]:
+def _metrics(path: Path, data: Mapping[str, Any], skip: Mapping[str, str] | None = None) -> dict[str, MetricValue]:
     raw = data[K_METRICS]
     if not isinstance(raw, dict):
         raise _fail(path, K_METRICS, f"must be an object, got {type(raw).__name__}")
-    return {name: _metric(path, name, entry) for name, entry in raw.items()}
+    return {name: _metric(path, name, entry) for name, entry in raw.items() if name not in (skip or {})}
+
+
+def _unmeasured(path: Path, data: Mapping[str, Any]) -> dict[str, str]:
+    """Metrics the evaluation names without a value (`"value": null`) and says why in a `"note"` (an FID over fewer
+    than two images of a masked-area bin): the report lists them as missing with that note. A null value without a
+    note stays an error."""
+    raw = data.get(K_METRICS)
+    if not isinstance(raw, dict):
+        return {}
+    return {name: entry[METRIC_NOTE] for name, entry in raw.items()
+            if isinstance(entry, dict) and VALUE in entry and entry[VALUE] is None and isinstance(entry.get(METRIC_NOTE), str)}
+
+
+def _task(path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The concat task's record: its kind, the examples file and, for inpainting, the masked-area bins (each a count,
+    an FID or null with a note, and an LPIPS mean and std where the bin has images)."""
+    task = _object(path, data, K_TASK)
+    if not task:
+        return {}
+    if not isinstance(task.get(TASK_KIND), str) or not task[TASK_KIND]:
+        raise _fail(path, f"{K_TASK}.{TASK_KIND}", f"must be a non-empty string, got {task.get(TASK_KIND)!r}")
+    examples = task.get(TASK_EXAMPLES)
+    if examples is not None and not (isinstance(examples, str) and examples):
+        raise _fail(path, f"{K_TASK}.{TASK_EXAMPLES}", f"must be a path relative to the run folder, got {examples!r}")
+    bins = task.get(TASK_BINS)
+    if bins is None:
+        return task
+    if not isinstance(bins, dict):
+        raise _fail(path, f"{K_TASK}.{TASK_BINS}", f"must be an object of masked-area bins, got {type(bins).__name__}")
+    for label, entry in bins.items():
+        key = f"{K_TASK}.{TASK_BINS}.{label}"
+        if not isinstance(entry, dict):
+            raise _fail(path, key, f"must be an object, got {entry!r}")
+        count = entry.get(B_COUNT)
+        if not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
+            raise _fail(path, f"{key}.{B_COUNT}", f"must be a non-negative integer, got {count!r}")
+        if entry.get(B_FID) is not None and not _is_number(entry[B_FID]):
+            raise _fail(path, f"{key}.{B_FID}", f"must be null or a finite number, got {entry[B_FID]!r}")
+        lpips = entry.get(B_LPIPS)
+        if lpips is not None:
+            if not (isinstance(lpips, dict) and _is_number(lpips.get(VALUE))):
+                raise _fail(path, f"{key}.{B_LPIPS}", f"must be an object with a numeric '{VALUE}', got {lpips!r}")
+            if lpips.get(STD) is not None and not _is_number(lpips[STD]):
+                raise _fail(path, f"{key}.{B_LPIPS}.{STD}", f"must be null or a number, got {lpips[STD]!r}")
+    return task
 
 
 def _comparable(path: Path, data: Mapping[str, Any]) -> tuple[bool, tuple[str, ...]]:
@@ -279,13 +356,14 @@ def load_metrics(path: str | Path, strict: bool = True) -> LdmRun:
     fid_inf = data.get(K_FID_INF)
     if fid_inf is not None and not _is_number(fid_inf):
         raise _fail(path, K_FID_INF, f"must be null or a number, got {fid_inf!r}")
+    unmeasured = _unmeasured(path, data)
     return LdmRun(
         path=path,
         experiment=data[K_EXPERIMENT],
         comparable=comparable,
         not_comparable_reasons=reasons,
         paper=_paper_key(path, data, (P_TABLE, P_DATASET, P_METHOD), (P_RESOLUTION,)),
-        metrics=_metrics(path, data),
+        metrics=_metrics(path, data, skip=unmeasured),
         protocol=_object(path, data, K_PROTOCOL),
         paper_protocol=_object(path, data, K_PAPER_PROTOCOL),
         curves=_curves(path, data),
@@ -293,6 +371,8 @@ def load_metrics(path: str | Path, strict: bool = True) -> LdmRun:
         first_stage=_object(path, data, K_FIRST_STAGE),
         fid_inf=None if fid_inf is None else float(fid_inf),
         created=data.get(K_CREATED),
+        task=_task(path, data),
+        unmeasured=unmeasured,
     )
 
 

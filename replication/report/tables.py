@@ -8,7 +8,7 @@ import pandas as pd
 
 from . import schema as S
 from .compare import ExperimentComparison, MetricRow, RunKind
-from .paper import LDM_PAPER_METRIC, PaperResults
+from .paper import LDM_PAPER_METRIC, PaperResults, context_metrics, paper_metric_map
 from .protocol import ProtocolStatus
 from .verdict import Verdict
 
@@ -107,12 +107,19 @@ def _ci_cell(r: MetricRow) -> str:
     return MISSING if ci is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
+def _metric_cell(r: MetricRow) -> str:
+    """Our metric's name, and the paper's where it names the same quantity differently (Tab. 6)."""
+    if r.paper_metric is None or r.paper_metric == r.metric:
+        return r.metric
+    return f"{r.metric} (paper: {r.paper_metric})"
+
+
 def metric_table(ec: ExperimentComparison) -> str:
     rows = []
     for r in ec.rows:
         band = r.comparison.band
         rows.append([
-            r.metric, _paper_cell(r), _ours_cell(r), _diff_cell(r), _ci_cell(r),
+            _metric_cell(r), _paper_cell(r), _ours_cell(r), _diff_cell(r), _ci_cell(r),
             MISSING if band is None else f"[{fmt(band[0])}, {fmt(band[1])}]",
             fmt(r.n_samples), VERDICT_TEXT[r.verdict],
         ])
@@ -182,8 +189,52 @@ def _source(ec: ExperimentComparison) -> str:
     return f" Source: `{ec.run.path.name}` of run `{ec.experiment}`{created}."
 
 
-def experiment_markdown(experiment: str, comparisons: Sequence[ExperimentComparison], figures: Mapping[str, str], rule: str) -> str:
-    """`<experiment>.md`: banner, what a not-comparable run shows, comparison, protocol, figures, rule."""
+TASK_TITLES = {S.TASK_SUPERRES: "Super-resolution", S.TASK_INPAINTING: "Inpainting"}
+TASK_RECORD_SKIP = (S.TASK_KIND, S.TASK_BINS, S.TASK_EXAMPLES)  # shown elsewhere on the page (title, bins, figure)
+HARD_BIN = "40-50%"  # the masked-area bin Tab. 7 quotes beside all images
+BIN_COLUMNS = ("masked area", "images", "FID", "LPIPS", "LPIPS std", "note")
+
+
+def task_settings_table(task: Mapping[str, Any]) -> str:
+    """The task record's settings (degradation and factor, or mask settings; seed, images, split), one row each."""
+    rows = [[k, fmt(v)] for k, v in task.items() if k not in TASK_RECORD_SKIP]
+    return md_table(["setting", "value"], rows)
+
+
+def bins_table(task: Mapping[str, Any]) -> str:
+    """Inpainting's scores per masked-area bin (`task.bins`): images, FID of the bin's inpainted images against the
+    same images' originals, LPIPS mean and std, and why a bin has no FID."""
+    rows = []
+    for label, b in task.get(S.TASK_BINS, {}).items():
+        lpips = b.get(S.B_LPIPS) or {}
+        note = b.get(S.B_FID_NOTE, "")
+        if label == HARD_BIN:
+            note = "; ".join(n for n in (note, f"Tab. 7's 40-50% column ({S.FID_HARD}, {S.LPIPS_HARD})") if n)
+        rows.append([label, fmt(b[S.B_COUNT]), fmt(b.get(S.B_FID)), fmt(lpips.get(S.VALUE)), fmt(lpips.get(S.STD)), note])
+    return md_table(BIN_COLUMNS, rows)
+
+
+def task_markdown(ec: ExperimentComparison, paper: PaperResults | None) -> str:
+    """A concat task's part of its page: the task's settings, the per-bin scores of inpainting, and the run among
+    the rows of its paper table (baselines included)."""
+    task = ec.run.task
+    kind = task[S.TASK_KIND]
+    parts = [f"### Task: {TASK_TITLES.get(kind, kind)}\n\n" + task_settings_table(task)]
+    if S.TASK_BINS in task:
+        parts.append("### Scores per masked-area bin\n\nEach bin's inpainted images against the same images' "
+                     "originals (FID needs at least 2 images).\n\n" + bins_table(task))
+    key = ec.paper_key
+    if paper is not None and key:
+        head = f"Table {key[S.P_TABLE]}" if str(key[S.P_TABLE]).isdigit() else str(key[S.P_TABLE])
+        parts.append(f"### The paper's {head}: {key[S.P_DATASET]}\n\nThe paper's rows (baselines included) and this "
+                     "run, in bold, under the row it reproduces.\n\n" + generation_context(paper, key, [ec]))
+    return "\n".join(parts)
+
+
+def experiment_markdown(experiment: str, comparisons: Sequence[ExperimentComparison], figures: Mapping[str, str], rule: str,
+                        paper: PaperResults | None = None) -> str:
+    """`<experiment>.md`: banner, what a not-comparable run shows, comparison, protocol, a concat task's settings,
+    bins and paper table (`paper` given), figures, rule."""
     parts = [f"# {experiment}: comparison with the paper\n"]
     for ec in comparisons:
         if not ec.comparable:
@@ -206,16 +257,20 @@ def experiment_markdown(experiment: str, comparisons: Sequence[ExperimentCompari
                 f"Sampling throughput: {fmt(tp.get(S.T_SAMPLING_IMG_PER_S))} images/s on {fmt(tp.get(S.T_DEVICE))} "
                 "(the paper's throughput figures are for one A100 and are not compared).\n"
             )
+        if ec.kind is RunKind.GENERATION and ec.run is not None and ec.run.task:
+            parts.append(task_markdown(ec, paper))
     parts.append("## Figures\n\n" + _figure_links(figures))
     parts.append("## How the verdict is reached\n\n" + rule + "\n")
     return "\n".join(parts)
 
 
 def _our_cells(ec: ExperimentComparison, paper_metrics: Sequence[str]) -> list[str]:
-    reverse = {v: k for k, v in LDM_PAPER_METRIC.items()}
+    """Our values under the paper's columns: only a metric that measures the column's quantity (the table's map of
+    our keys to the paper's names); the others are a dash."""
+    reverse = {v: k for k, v in paper_metric_map(ec.table).items()}
     cells = []
     for pm in paper_metrics:
-        row = ec.row(reverse.get(pm, pm))
+        row = ec.row(reverse[pm]) if pm in reverse else None
         cells.append(MISSING if row is None or row.comparison.ours is None else f"**{fmt(row.comparison.ours)}**")
     return cells
 
@@ -227,7 +282,7 @@ def _ours_label(ec: ExperimentComparison) -> str:
 
 def generation_context(paper: PaperResults, key: Mapping[str, Any], ours: Sequence[ExperimentComparison]) -> str:
     """The paper's rows for the run's table and dataset (baselines included) with our runs placed under their row."""
-    metrics = [m for m in LDM_PAPER_METRIC.values()]
+    metrics = context_metrics(key[S.P_TABLE])
     ctx = paper.context_table(key[S.P_TABLE], key[S.P_DATASET], metrics, key.get(S.P_RESOLUTION))
     cols = [c for c in ctx.columns if c != "is_ours"]
     rows = []
@@ -275,7 +330,7 @@ def autoencoder_context(paper: PaperResults, ours: Sequence[ExperimentComparison
 def overview_table(comparisons: Sequence[ExperimentComparison]) -> str:
     rows = []
     for ec in comparisons:
-        key_metric = S.FID if ec.kind is RunKind.GENERATION else S.RFID
+        key_metric = ec.headline
         r = ec.row(key_metric)
         rows.append([
             f"[{ec.experiment}]({ec.experiment}.md)", str(ec.kind), ec.paper_label, "yes" if ec.comparable else "**NO**",
@@ -386,10 +441,13 @@ def metrics_summary(comparisons: Sequence[ExperimentComparison], rule: str) -> d
                 r.metric: {
                     "paper": r.comparison.paper, "ours": r.comparison.ours, "diff": r.comparison.diff,
                     "ci95": None if r.comparison.interval is None else list(r.comparison.interval),
-                    "verdict": str(r.verdict),
+                    "verdict": str(r.verdict), "paper_metric": r.paper_metric, "paper_plus_minus": r.paper_plus_minus,
+                    "std": r.std,
                 }
                 for r in ec.rows
             },
         }
+        if ec.kind is RunKind.GENERATION and ec.run is not None and ec.run.task:
+            entry["task"] = ec.run.task  # the concat task's settings and, for inpainting, its per-bin scores
         out["experiments"].setdefault(ec.experiment, {})[str(ec.kind)] = entry
     return out
