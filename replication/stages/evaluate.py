@@ -138,6 +138,8 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
                    "pr_extractor": vgg}
     res = evaluate_samples(feats, ref, m, extractor, spec_hash, progress=ctx.progress, **pr_args)
     task = _task_metrics(ctx, samples_dir, feats, extractor, res["metrics"])
+    if task is None:
+        task = _text_metrics(ctx)
     ldm_meta = read_json(ctx.run_dir / LDM_META)
     series = read_json(ctx.run_dir / "sample" / "series.json")
     index = read_json(samples_dir / "index.json")
@@ -188,6 +190,35 @@ def _train_split_stats(ctx: StageContext, extractor):
                                      source_id=reference_source_id(images))
 
 
+TASK_EXAMPLES = 8  # evaluation images shown in the report's figure of a concat task
+EXAMPLES_FILE = "examples.npz"
+
+
+def _write_examples(ctx: StageContext, conditions, samples_dir: Path, inpainting: bool) -> str:
+    """The first TASK_EXAMPLES evaluation images as the report's figure shows them, uint8 NHWC: super-resolution
+    `lowres` (nearest-upsampled to the output size), `output`, `target`; inpainting `input` (the hole grey), `mask`
+    (255 = hole), `output`, `target`. Returns the file's path relative to the run folder."""
+    from replication.samples import verified_shards
+
+    first = np.load(verified_shards(samples_dir)[0], mmap_mode="r")
+    n = min(TASK_EXAMPLES, len(first))
+    idx = np.arange(n)
+    inputs = conditions.inputs(idx)
+    target = np.ascontiguousarray(conditions.images.get_batch(idx))
+    arrays = {"output": np.array(first[:n]), "target": target}
+    if inpainting:
+        hole = (inputs["mask"][:, 0].numpy() > 0)
+        arrays["mask"] = (hole * 255).astype(np.uint8)
+        arrays["input"] = np.where(hole[..., None], np.uint8(128), target)
+    else:
+        scale = target.shape[1] // inputs["lowres_uint8"].shape[1]
+        arrays["lowres"] = inputs["lowres_uint8"].repeat(scale, axis=1).repeat(scale, axis=2)
+    path = ctx.stage_dir / EXAMPLES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return str(path.relative_to(ctx.run_dir))
+
+
 def _task_metrics(ctx: StageContext, samples_dir: Path, feats: dict[str, torch.Tensor], extractor,
                   metrics: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The concat tasks' scores, each sample against the evaluation image it was made from (data/conditions.py).
@@ -225,7 +256,8 @@ def _task_metrics(ctx: StageContext, samples_dir: Path, feats: dict[str, torch.T
             areas.append(conditions.inputs(idx)["area"])
     per_image = paired.per_image()
     record: dict[str, Any] = {**task.card(), "eval_seed": cond_cfg.eval_seed, "images": start,
-                              "split": f"reference set ({ctx.typed.dataset.fid_reference.value})"}
+                              "split": f"reference set ({ctx.typed.dataset.fid_reference.value})",
+                              "examples": _write_examples(ctx, conditions, samples_dir, inpainting)}
     if not inpainting:
         train_ref = _train_split_stats(ctx, extractor)
         fid = metrics.get(FID, {}).get("value")
@@ -250,6 +282,83 @@ def _task_metrics(ctx: StageContext, samples_dir: Path, feats: dict[str, torch.T
         metrics["LPIPS_40-50pct_masked"] = {**hard_scores["LPIPS"], "n_samples": hard_scores["count"]}
     record["bins"] = scores["bins"]
     record["lpips_standin"] = bool(getattr(lpips_metric, "is_standin", False))
+    return record
+
+
+PROBE_EXAMPLES = 8  # samples of each probe prompt kept for the report's figure
+PROBE_FILE = "probes.npz"
+
+
+def _mean_colours(shard_dir: Path) -> np.ndarray:
+    """float64 (N, 3): the mean RGB of every sample of a sample folder."""
+    from replication.samples import load_samples
+
+    return load_samples(shard_dir).astype(np.float64).mean(axis=(1, 2))
+
+
+def text_probe_record(prompts: list[str], colours: list[np.ndarray], unconditional: np.ndarray) -> dict[str, Any]:
+    """Whether the captions steer the samples, on a property each probe prompt names: the gradient colours of the
+    built-in captions ("... on a red and yellow gradient"), the background of most of the image. Per prompt: the
+    mean RGB of its samples and its distance to the mean of the two named colours, against the same distance for
+    the unconditional samples (prompt ""), made from the same seeds. `captions_matter` holds when every prompt's
+    samples are nearer its named colours than the unconditional samples are; `separation` compares how far apart
+    two prompts' samples lie with how far apart their named colours are (1: as far, 0: no difference)."""
+    from replication.data.builtin import colour_rgb, parse_builtin_caption
+
+    uncond_mean = unconditional.mean(axis=0)
+    rows, means, targets = [], [], []
+    for prompt, per_sample in zip(prompts, colours):
+        gradient = parse_builtin_caption(prompt)["gradient"]
+        target = np.mean([colour_rgb(c) for c in gradient], axis=0).astype(np.float64)
+        mean = per_sample.mean(axis=0)
+        dist, uncond_dist = float(np.linalg.norm(mean - target)), float(np.linalg.norm(uncond_mean - target))
+        rows.append({"prompt": prompt, "named_colours": list(gradient), "named_rgb": target.round(2).tolist(),
+                     "mean_rgb": mean.round(2).tolist(), "distance_to_named": round(dist, 3),
+                     "unconditional_distance_to_named": round(uncond_dist, 3), "nearer_than_unconditional": dist < uncond_dist,
+                     "samples": int(len(per_sample))})
+        means.append(mean)
+        targets.append(target)
+    record: dict[str, Any] = {"property": "mean RGB of the samples against the mean of the gradient colours the prompt "
+                                          "names (0-255; the same seeds for every prompt and for \"\")",
+                              "prompts": rows, "unconditional_mean_rgb": uncond_mean.round(2).tolist(),
+                              "captions_matter": all(r["nearer_than_unconditional"] for r in rows)}
+    if len(prompts) >= 2:
+        named = targets[0] - targets[1]
+        record["separation"] = {"prompts": prompts[:2], "named_distance": round(float(np.linalg.norm(named)), 3),
+                                "samples_distance": round(float(np.linalg.norm(means[0] - means[1])), 3),
+                                "along_named": round(float((means[0] - means[1]) @ named / (named @ named)), 4)}
+    return record
+
+
+def _text_metrics(ctx: StageContext) -> Optional[dict[str, Any]]:
+    """Text-to-image: how the samples were prompted, and the probe record (`text_probe_record`) where the experiment
+    has probe prompts; None for the other kinds."""
+    from replication.config import ConditioningKind
+    from replication.samples import load_sample_subset
+
+    cond = ctx.root.conditioning
+    if cond.kind is not ConditioningKind.text:
+        return None
+    record: dict[str, Any] = {"task": "text-to-image", "prompts": "sample i from the caption of evaluation image i "
+                              f"(reference set, {ctx.typed.dataset.fid_reference.value})",
+                              "caption_drop_prob": cond.caption_drop_prob}
+    probes = read_json(ctx.run_dir / "sample" / "series.json").get("probes", [])
+    if not probes:
+        return record
+    for p in probes:
+        ctx.record_input(Path(p["dir"]) / "index.json")
+    colours = [_mean_colours(Path(p["dir"])) for p in probes]
+    prompts = [p["prompt"] for p in probes if p["prompt"]]
+    record["probes"] = text_probe_record(prompts, colours[:len(prompts)], colours[len(prompts)])
+    arrays = {}
+    for k, p in enumerate(probes):
+        n = min(PROBE_EXAMPLES, len(colours[k]))
+        arrays["unconditional" if not p["prompt"] else f"prompt_{k:02d}"] = load_sample_subset(Path(p["dir"]), np.arange(n))
+    arrays["prompts"] = np.array(prompts)
+    path = ctx.stage_dir / PROBE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    record["examples"] = str(path.relative_to(ctx.run_dir))
     return record
 
 
@@ -364,8 +473,10 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     atomic_write_json(ctx.run_dir / "metrics_flat.json", _flat(metrics))
     (ctx.stage_dir).mkdir(parents=True, exist_ok=True)
     ctx.stats(event="evaluated", **_flat(metrics))
-    return {"metrics": _flat(metrics), "comparable": metrics["comparable"],
-            "outputs": [ctx.run_dir / name, ctx.run_dir / "metrics_flat.json"]}
+    outputs = [ctx.run_dir / name, ctx.run_dir / "metrics_flat.json"]
+    if "task" in metrics:
+        outputs.append(ctx.run_dir / metrics["task"]["examples"])
+    return {"metrics": _flat(metrics), "comparable": metrics["comparable"], "outputs": outputs}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

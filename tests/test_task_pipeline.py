@@ -1,0 +1,118 @@
+"""The image-conditioned smoke experiments end to end: smoke_sr (Tab. 5's chain) and smoke_inpaint (Tab. 7's) through
+`python -m replication.run`, their scores recomputed from the files they were computed from, and both through
+`dvc repro` in a copy of the repository."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline_helpers import env, paths_overrides, run_module
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def task_runs(tmp_path_factory):
+    """smoke_sr, then smoke_inpaint linking smoke_sr's prepared data and first stage (same dataset and autoencoder)."""
+    tmp = tmp_path_factory.mktemp("tasks")
+    run_module("replication.run", ["experiment=smoke_sr", *paths_overrides(tmp)])
+    run_module("replication.run", ["experiment=smoke_inpaint", "reuse_from=smoke_sr", *paths_overrides(tmp)])
+    return tmp
+
+
+def _samples(run_dir) -> np.ndarray:
+    from replication.samples import verified_shards
+
+    return np.concatenate([np.load(p) for p in verified_shards(run_dir / "sample" / "samples")])
+
+
+def _reference(tmp):
+    from replication.data.prepared import PreparedImages
+
+    return PreparedImages(tmp / "runs" / "prepared" / "smoke_pairs" / "reference")
+
+
+def test_superres_scores_are_those_of_its_samples_against_their_images(task_runs):
+    from replication.metrics.reconstruction import psnr, ssim
+
+    run_dir = task_runs / "runs" / "smoke_sr"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    m = metrics["metrics"]
+    assert metrics["comparable"] is False and metrics["task"]["degradation"] == "pil_bicubic"
+    for key in ("FID_valsplit_ref", "FID_trainsplit_ref", "IS", "PSNR", "SSIM"):
+        assert math.isfinite(m[key]["value"]), key
+    assert m["FID_valsplit_ref"]["value"] == m["FID"]["value"]  # the reference set is the validation split
+    assert m["FID_trainsplit_ref"]["value"] != m["FID_valsplit_ref"]["value"]
+    samples = _samples(run_dir)
+    ref = _reference(task_runs)
+    assert samples.shape == (64, 32, 32, 3) == (len(ref), 32, 32, 3)  # one sample per evaluation image
+    as_nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)  # noqa: E731
+    target = as_nchw(ref.get_batch(np.arange(64)))
+    p = psnr(target, as_nchw(samples)).numpy()
+    s = ssim(target, as_nchw(samples)).numpy()
+    assert m["PSNR"]["value"] == pytest.approx(p.mean()) and m["PSNR"]["std"] == pytest.approx(p.std())
+    assert m["SSIM"]["value"] == pytest.approx(s.mean()) and m["SSIM"]["std"] == pytest.approx(s.std())
+    examples = np.load(run_dir / metrics["task"]["examples"])
+    np.testing.assert_array_equal(examples["output"], samples[:8])
+    np.testing.assert_array_equal(examples["target"], ref.get_batch(np.arange(8)))
+    assert examples["lowres"].shape == (8, 32, 32, 3)
+    assert "PSNR" in (task_runs / "reports" / "smoke_sr.md").read_text()
+
+
+def test_inpainting_keeps_the_known_pixels_and_bins_every_image(task_runs):
+    from replication.data.conditions import EvaluationConditions, Inpainting
+
+    run_dir = task_runs / "runs" / "smoke_inpaint"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    m, task = metrics["metrics"], metrics["task"]
+    assert math.isfinite(m["FID_all"]["value"]) and math.isfinite(m["LPIPS_all"]["value"])
+    assert sum(b["count"] for b in task["bins"].values()) == task["images"] == 64
+    assert m["FID_40-50pct_masked"]["n_samples"] == task["bins"]["40-50%"]["count"]
+    samples = _samples(run_dir)
+    ref = _reference(task_runs)
+    cond = EvaluationConditions(Inpainting("thick"), ref, "reference", 0, lambda x: x, torch.device("cpu"))
+    inputs = cond.inputs(np.arange(64))
+    known = (inputs["mask"][:, 0] < 0).numpy()
+    originals = ref.get_batch(np.arange(64))
+    np.testing.assert_array_equal(samples[known], originals[known])  # outside the hole: the input, exactly
+    hole = ~known
+    assert hole.any() and not np.array_equal(samples[hole], originals[hole])
+    np.testing.assert_allclose(hole.reshape(64, -1).mean(1), inputs["area"])
+    examples = np.load(run_dir / task["examples"])
+    np.testing.assert_array_equal(examples["mask"] > 0, hole[:8])
+    # the linked first stage is smoke_sr's: one autoencoder trained for both
+    done = json.loads((run_dir / "train_autoencoder" / "done.json").read_text())
+    ref_done = json.loads((task_runs / "runs" / "smoke_sr" / "train_autoencoder" / "done.json").read_text())
+    assert done["content_id"] == ref_done["content_id"]
+
+
+def test_both_task_experiments_run_through_dvc_repro(task_runs, tmp_path):
+    """`dvc repro` of the two chains in a copy of the repository holding the finished runs: every stage runs under
+    DVC, the trainings resume at their end (nothing trained again), and the metrics and pages are written."""
+    from test_pipeline import _copy_repo
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repo(repo)
+    e = env()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=e)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=e)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], cwd=repo, check=True,
+                   env=e)
+    shutil.copytree(task_runs / "runs", repo / "runs", symlinks=True)
+    weights = {name: (repo / "runs" / name / "train_ldm" / "ema.safetensors").read_bytes()
+               for name in ("smoke_sr", "smoke_inpaint")}
+    proc = subprocess.run(["dvc", "repro", "report@smoke_sr", "report@smoke_inpaint"], cwd=repo, env=e,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name, data in weights.items():
+        assert (repo / "runs" / name / "train_ldm" / "ema.safetensors").read_bytes() == data
+        train = json.loads((repo / "runs" / name / "train_ldm" / "done.json").read_text())["result"]
+        assert train["resumed_from"] == train["steps"]
+        assert (repo / "runs" / name / "metrics.json").exists() and (repo / "reports" / f"{name}.md").exists()
