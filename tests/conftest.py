@@ -12,6 +12,12 @@ for key, value in {"DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS
                    "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg", "TORCH_HOME": str(Path(__file__).parent / ".torch_home_unused")}.items():
     os.environ.setdefault(key, value)
 
+# Under pytest-xdist (the README's `-n 2`) each worker and every pipeline it starts computes on one thread: two
+# workers with two threads each would spin against each other on a 2-core machine.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(key, "1")
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -69,11 +75,24 @@ def no_network(monkeypatch, tmp_path):
 def finished_smoke(tmp_path_factory) -> Path:
     """One finished `python -m replication.run experiment=smoke` for the whole session, kept pristine: a test that
     changes it works on `copy_smoke(finished_smoke, dest)` (done.json records paths relative to the runs root, so a
-    copied tree verifies against its own files)."""
+    copied tree verifies against its own files). Under pytest-xdist the workers share one run: the first to ask makes
+    it while the others wait on the lock."""
+    import fcntl
+
     from pipeline_helpers import paths_overrides, run_module
 
-    tmp = tmp_path_factory.mktemp("finished_smoke")
-    run_module("replication.run", ["experiment=smoke", *paths_overrides(tmp)])
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    tmp, done = shared / "finished_smoke", shared / "finished_smoke.done"
+    with open(shared / "finished_smoke.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            run_module("replication.run", ["experiment=smoke", *paths_overrides(tmp)])
+            done.write_text("finished\n")
     return tmp
 
 
