@@ -248,6 +248,11 @@ def common_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the experiment's)")
     parser.add_argument("--seed", type=int, default=0, help="each image's noise comes from this seed and its file name")
     parser.add_argument("--size", type=int, default=None, help="centre-crop every input to SIZE x SIZE first")
+    model_arguments(parser)
+
+
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that loads a model and samples: device, weights, overrides, progress."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     parser.add_argument("--raw-weights", action="store_true", help="the raw U-Net weights instead of the EMA ones")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

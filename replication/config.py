@@ -13,6 +13,7 @@ from replication.data.config import DatasetConfig, validate_dataset_cfg
 from replication.diffusion.config import DiffusionConfig, SamplerConfig, validate_diffusion_cfg, validate_sampler_cfg
 from replication.metrics.config import MetricsConfig, validate_metrics_cfg
 from replication.models.autoencoder_config import AutoencoderConfig, validate_autoencoder_cfg
+from replication.models.text_encoder import TextEncoderConfig
 from replication.models.unet_config import UNetConfig, validate_unet_cfg
 from replication.utils.paths import PLAIN_NAME_RULE, is_plain_name
 from replication.utils.schema import ConfigError, check_finite, check_range, merge_into_schema
@@ -119,6 +120,9 @@ class ConditioningKind(str, enum.Enum):
     # z_t joined with an image-shaped condition
     lowres = "lowres"  # super-resolution (bsr_sr, Tab. 5): the low-resolution image in [-1, 1]
     masked_image = "masked_image"  # inpainting (inpainting_big, Tab. 7): first-stage code of the masked image + mask
+    # text-to-image (txt2img-1p4B, Tab. 2): captions -> WordPiece token ids -> the release's BERTEmbedder (trained
+    # jointly) -> cross-attention context; the unconditional input of guidance is the empty prompt ""
+    text = "text"
 
 
 CONCAT_KINDS = (ConditioningKind.lowres, ConditioningKind.masked_image)
@@ -137,6 +141,32 @@ class ConditioningConfig:
     sr_factor: int = 4
     mask_config: str = "thick"
     eval_seed: int = 0  # the fixed low-resolution inputs / masks of the evaluation images
+    # text: the user-supplied bert-base-uncased vocab.txt (nothing is downloaded; the smoke run's prepare stage
+    # writes one for its captions), the encoder's sizes (models/text_encoder.py TextEncoderConfig: n_embed,
+    # n_layer, vocab_size, max_seq_len 77, embedding_dropout) and the training caption dropout to "" that teaches
+    # the unconditional model for guidance. Its rate is not in the paper or the release (PROTOCOL.md 2): a
+    # recorded choice.
+    vocab_path: Optional[str] = None
+    text_encoder: Optional[TextEncoderConfig] = None
+    caption_drop_prob: float = 0.0
+    # text, built-in captioned data: prompts whose samples (probe_samples each, and as many for "") the evaluation
+    # compares on the colours the prompt names, to show whether the captions steer the samples
+    probe_prompts: list[str] = field(default_factory=list)
+    probe_samples: int = 0
+
+
+# the conditioning keys only the text kind reads: left out of the other kinds' training and sample keys, which
+# therefore stay what they were before these keys existed
+TEXT_ONLY_KEYS = ("vocab_path", "text_encoder", "caption_drop_prob", "probe_prompts", "probe_samples")
+
+
+def conditioning_record(cond: ConditioningConfig) -> dict[str, Any]:
+    """The conditioning settings as a plain dict for training resume keys and sample keys: every key of a text
+    experiment, and without the text-only keys for the other kinds."""
+    record = to_container(cond)
+    if cond.kind is not ConditioningKind.text:
+        record = {k: v for k, v in record.items() if k not in TEXT_ONLY_KEYS}
+    return record
 
 
 @dataclass
@@ -303,7 +333,69 @@ def validate_config(cfg: DictConfig) -> TypedConfig:
         check_finite(groups[group], group)
     typed = TypedConfig(root=root, **groups)
     _check_concat_inputs(typed)
+    _check_text_inputs(typed)
     return typed
+
+
+def text_encoder_config(cond: ConditioningConfig):
+    """The text encoder's typed sizes (`TextEncoderConfig`) from `conditioning.text_encoder`; ConfigError naming a
+    bad key."""
+    from replication.models.text_encoder import validate_text_encoder_cfg
+
+    return validate_text_encoder_cfg(cond.text_encoder, group="conditioning.text_encoder")
+
+
+def _check_text_inputs(typed: TypedConfig) -> None:
+    """A text-conditioned model: the encoder's width is the U-Net's cross-attention context, its sequence the
+    tokenizer's 77 ids; guidance is against the empty prompt, so no null class, and a trained model is guided only
+    if training dropped captions."""
+    cond = typed.root.conditioning
+    if cond.kind is not ConditioningKind.text:
+        return
+    from replication.data.tokenizer import MAX_LENGTH
+
+    check_range(cond.caption_drop_prob, "conditioning.caption_drop_prob", low=0.0, high=1.0)
+    check_range(cond.probe_samples, "conditioning.probe_samples", low=0)
+    if not cond.vocab_path:
+        raise ConfigError("conditioning.kind=text needs conditioning.vocab_path: the bert-base-uncased vocab.txt the "
+                          "captions are tokenized with (nothing is downloaded)")
+    if cond.text_encoder is None:
+        raise ConfigError("conditioning.kind=text needs conditioning.text_encoder: {n_embed, n_layer} at least "
+                          "(models/text_encoder.py TextEncoderConfig)")
+    enc = text_encoder_config(cond)
+    if enc.max_seq_len != MAX_LENGTH:
+        raise ConfigError(f"conditioning.text_encoder.max_seq_len must be {MAX_LENGTH}, the tokenizer's caption length "
+                          f"(the release's BERTTokenizer), got {enc.max_seq_len}")
+    unet = typed.unet
+    if not unet.use_spatial_transformer or unet.context_dim != enc.n_embed:
+        raise ConfigError(f"conditioning.kind=text feeds the encoder's {enc.n_embed}-wide output to cross-attention: "
+                          f"unet.use_spatial_transformer must be true and unet.context_dim {enc.n_embed} (got "
+                          f"{unet.use_spatial_transformer}, {unet.context_dim})")
+    if unet.num_classes:
+        raise ConfigError(f"conditioning.kind=text conditions through cross-attention only: unet.num_classes must be "
+                          f"null, got {unet.num_classes}")
+    diffusion = typed.diffusion
+    if diffusion.null_class is not None or diffusion.cond_drop_prob:
+        raise ConfigError("conditioning.kind=text guides against the empty prompt \"\" and drops captions with "
+                          "conditioning.caption_drop_prob: diffusion.null_class must be null and "
+                          f"diffusion.cond_drop_prob 0 (got {diffusion.null_class}, {diffusion.cond_drop_prob})")
+    trains = not typed.trainer.pretrained and "train_ldm" in typed.root.stages
+    if trains and typed.sampler.guidance_scale != 1.0 and cond.caption_drop_prob == 0.0:
+        raise ConfigError(f"sampler.guidance_scale={typed.sampler.guidance_scale:g} guides against the empty prompt, "
+                          "which a model trained without caption dropout never saw: set "
+                          "conditioning.caption_drop_prob > 0 (or guidance_scale 1)")
+    if cond.probe_prompts:
+        from replication.data.builtin import parse_builtin_caption
+        from replication.data.config import Family
+
+        if typed.dataset.family is not Family.builtin or cond.probe_samples < 1:
+            raise ConfigError("conditioning.probe_prompts compares samples with the colours the built-in captions "
+                              "name: it needs the built-in captioned data and conditioning.probe_samples >= 1")
+        for i, prompt in enumerate(cond.probe_prompts):
+            try:
+                parse_builtin_caption(prompt)
+            except ValueError as exc:
+                raise ConfigError(f"conditioning.probe_prompts[{i}]: {exc}") from None
 
 
 def _check_concat_inputs(typed: TypedConfig) -> None:

@@ -15,14 +15,28 @@ class GuidanceError(ValueError):
 
 
 def sampling_denoiser(call: Callable[..., torch.Tensor], labels: Optional[torch.Tensor], null_class: Optional[int],
-                      guidance_scale: float, concat: Optional[torch.Tensor] = None) -> Denoiser:
+                      guidance_scale: float, concat: Optional[torch.Tensor] = None,
+                      tokens: Optional[torch.Tensor] = None, null_tokens: Optional[torch.Tensor] = None) -> Denoiser:
     """eps(x, t) of `call(x, t)` (unconditional, `labels` None) or of `call(x, t, y=labels)` for a fixed batch of
     class labels, guided with scale `guidance_scale` against `null_class` (the "no class" label the network was
     trained with). Scale 1 is the plain conditional model and needs no null class; any other scale without one
     is a GuidanceError, since guiding against a real class would sample something else without saying so.
     `concat` (a fixed batch of image-shaped conditions: low-resolution images, masked-image codes) gives
     eps = call(x, t, c_concat=concat); the release trains these models without a null condition, so guidance
-    for them is a GuidanceError too."""
+    for them is a GuidanceError too.
+    `tokens` (a fixed batch of caption token ids, text-to-image) gives eps = call(x, t, tokens=tokens), guided against
+    `null_tokens`, the ids of the empty prompt "" (the release's unconditional input), one row or one per sample."""
+    if tokens is not None:
+        if labels is not None or concat is not None:
+            raise GuidanceError("a denoiser takes token ids alone, not with class labels or a concatenated condition")
+        if guidance_scale != 1.0 and null_tokens is None:
+            raise GuidanceError(f"classifier-free guidance (scale {guidance_scale:g}) of a text model needs the token "
+                                "ids of the empty prompt \"\"")
+
+        def text_model(x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            return call(x, t, tokens=ids)
+
+        return classifier_free(text_model, tokens, tokens if null_tokens is None else null_tokens, guidance_scale)
     if concat is not None:
         if labels is not None:
             raise GuidanceError("a denoiser takes class labels or a concatenated condition, not both")

@@ -202,6 +202,9 @@ class TextConditionalUNet(nn.Module):
     crossattn, cond_stage_trainable). Children named as the release (`diffusion_model`, `cond_stage_model`), so
     checkpoints map one to one and `replication.models.conditioning.ema_scope` keeps the encoder out of the EMA."""
 
+    # the keyword an integer condition (token ids) is passed as by the training step and the sampler
+    integer_condition = "tokens"
+
     def __init__(self, unet: nn.Module, embedder: TextEmbedder):
         super().__init__()
         self.diffusion_model = unet

@@ -53,6 +53,12 @@ def build_unet(typed: TypedConfig) -> torch.nn.Module:
         if not typed.unet.context_dim:
             raise ArtifactError("conditioning.kind=class_embed needs a U-Net with context_dim (cross-attention)")
         return ClassConditionalUNet(unet, ClassEmbedder(typed.unet.context_dim, n_classes=cond.n_embed_classes))
+    if cond.kind == ConditioningKind.text:
+        from replication.config import text_encoder_config
+        from replication.models.text_encoder import TextConditionalUNet, build_text_embedder
+
+        # the release's BERTEmbedder, trained jointly with the U-Net from scratch (cond_stage_trainable)
+        return TextConditionalUNet(unet, build_text_embedder(text_encoder_config(cond)))
     if cond.kind in CONCAT_KINDS:
         from replication.models.concat_conditioning import ConcatConditionalUNet
 
@@ -65,7 +71,7 @@ def build_unet(typed: TypedConfig) -> torch.nn.Module:
 def num_label_classes(typed: TypedConfig) -> int | None:
     """How many real classes the denoiser is conditioned on (None: unconditional)."""
     cond = typed.root.conditioning
-    if cond.kind in CONCAT_KINDS:
+    if cond.kind in CONCAT_KINDS or cond.kind == ConditioningKind.text:
         return None
     if cond.kind == ConditioningKind.none:
         if typed.unet.num_classes:
@@ -73,6 +79,22 @@ def num_label_classes(typed: TypedConfig) -> int | None:
                                 "set conditioning.kind=class_label")
         return None
     return cond.num_classes
+
+
+def caption_tokenizer(typed: TypedConfig):
+    """The tokenizer of a text experiment (`conditioning.vocab_path`), refused when its vocabulary has more entries
+    than the text encoder has token embeddings (an id past the table would fail only in the first forward)."""
+    from replication.config import text_encoder_config
+    from replication.data.tokenizer import CaptionTokenizer
+
+    cond = typed.root.conditioning
+    tokenizer = CaptionTokenizer(cond.vocab_path)
+    encoder = text_encoder_config(cond)
+    if tokenizer.vocab_size > encoder.vocab_size:
+        raise ArtifactError(f"{tokenizer.vocab_path} holds {tokenizer.vocab_size} tokens but the text encoder embeds "
+                            f"{encoder.vocab_size} (conditioning.text_encoder.vocab_size): use the vocabulary the "
+                            "encoder was built for (bert-base-uncased: 30522)")
+    return tokenizer
 
 
 def load_unet_weights(unet: torch.nn.Module, path: Path) -> None:

@@ -6,6 +6,7 @@ uninterrupted run whatever the batch size or number of processes.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from replication.config import ConditioningKind, conditioning_record
 from replication.samples import SHARD_PATTERN
 from replication.stages.artifacts import (CURVES_DIR, LDM_EMA, LDM_SNAPSHOTS, SAMPLES_DIR, load_first_stage, load_ldm,
                                           num_label_classes, to_uint8)
@@ -37,7 +39,7 @@ class Generator:
     """The whole generative chain as one callable: per-sample noise -> sampler -> decode -> uint8 NHWC."""
 
     def __init__(self, unet: torch.nn.Module, first_stage: torch.nn.Module, scale_factor: float, typed: dict[str, Any],
-                 device: torch.device, conditions: Optional[Any] = None):
+                 device: torch.device, conditions: Optional[Any] = None, prompts: Optional[list[str]] = None):
         from replication.perf import FastForward, FastPath
 
         speed = typed.root.sampling_speed
@@ -48,6 +50,14 @@ class Generator:
         self.typed, self.device = typed, device
         # concat tasks: sample i is made from evaluation image i and its fixed condition (data/conditions.py)
         self.conditions = conditions
+        # text: sample i's prompt (the caption of evaluation image i), tokenized with the experiment's vocabulary;
+        # guidance is against the empty prompt ""
+        self.prompts = prompts
+        self.tokenizer = None
+        if typed.root.conditioning.kind is ConditioningKind.text:
+            from replication.stages.artifacts import caption_tokenizer
+
+            self.tokenizer = caption_tokenizer(typed)
         self.schedule = typed.diffusion.make_schedule()
         self.num_classes = num_label_classes(typed)
         self.null_class = typed.diffusion.null_class
@@ -63,19 +73,42 @@ class Generator:
 
         load_unet_weights(self.unet, path)
 
-    def denoiser(self, labels: Optional[torch.Tensor], guidance_scale: float, concat: Optional[torch.Tensor] = None):
+    def denoiser(self, labels: Optional[torch.Tensor], guidance_scale: float, concat: Optional[torch.Tensor] = None,
+                 tokens: Optional[torch.Tensor] = None):
         from replication.diffusion.denoiser import GuidanceError, sampling_denoiser
 
+        null_tokens = self.tokenizer([""]).to(self.device) if tokens is not None else None
         try:
-            return sampling_denoiser(self.unet_call, labels, self.null_class, guidance_scale, concat=concat)
+            return sampling_denoiser(self.unet_call, labels, self.null_class, guidance_scale, concat=concat,
+                                     tokens=tokens, null_tokens=null_tokens)
         except GuidanceError as exc:
             raise StageError(str(exc)) from None
 
     @torch.no_grad()
+    def with_prompts(self, prompts: list[str]) -> "Generator":
+        """The same networks with other prompts (sample i gets prompts[i]): the evaluation's probe sets."""
+        other = copy.copy(self)
+        other.prompts = list(prompts)
+        return other
+
+    def tokens(self, indices: np.ndarray, captions: Optional[list[str]] = None) -> torch.Tensor:
+        """Token ids of `captions`, by default of the prompts of samples `indices`."""
+        if captions is None:
+            if self.prompts is None:
+                raise StageError("a text-conditional model samples from prompts: none were given")
+            if len(indices) and int(np.max(indices)) >= len(self.prompts):
+                raise StageError(f"sample {int(np.max(indices))} has no prompt: {len(self.prompts)} prompts")
+            captions = [self.prompts[int(i)] for i in indices]
+        if len(captions) != len(indices):
+            raise ValueError(f"{len(captions)} captions for {len(indices)} samples")
+        return self.tokenizer(captions).to(self.device)
+
+    @torch.no_grad()
     def __call__(self, indices: np.ndarray, steps: int, progress: bool = False,
-                 labels: Optional[np.ndarray] = None) -> np.ndarray:
+                 labels: Optional[np.ndarray] = None, captions: Optional[list[str]] = None) -> np.ndarray:
         """Samples `indices`, sample i from seed sampler.seed + i; `labels`: their classes (class-conditional models;
-        by default balanced, i % num_classes)."""
+        by default balanced, i % num_classes); `captions`: their prompts (text-conditional models; by default the
+        generator's prompts of these samples)."""
         from replication.diffusion.config import run_sampler
 
         sampler = dataclasses.replace(self.typed.sampler, steps=steps)
@@ -88,8 +121,9 @@ class Generator:
                                 device=self.device)
         inputs = self.conditions.inputs(indices) if self.conditions is not None else None
         concat = self.conditions.concat(inputs) if inputs is not None else None
-        result = run_sampler(sampler, self.denoiser(y, sampler.guidance_scale, concat), x_T, self.schedule, rng=rng,
-                             progress=progress)
+        tokens = self.tokens(indices, captions) if self.tokenizer is not None else None
+        result = run_sampler(sampler, self.denoiser(y, sampler.guidance_scale, concat, tokens=tokens), x_T, self.schedule,
+                             rng=rng, progress=progress)
         x = self.first_stage.decode(result.x / self.scale_factor)
         if inputs is not None:
             x = self.conditions.finish(inputs, x)
@@ -101,7 +135,28 @@ def make_generator(ctx: StageContext, weights: Optional[Path] = None, device: Op
     unet, meta = load_ldm(ctx.run_dir, ctx.typed, device, weights=weights)
     first_stage = load_first_stage(ctx.run_dir, ctx.typed, device)
     return Generator(unet, first_stage, float(meta["scale_factor"]), ctx.typed, device,
-                     conditions=evaluation_conditions(ctx, first_stage, device))
+                     conditions=evaluation_conditions(ctx, first_stage, device), prompts=evaluation_prompts(ctx, meta))
+
+
+def evaluation_prompts(ctx: StageContext, meta: dict[str, Any]) -> Optional[list[str]]:
+    """Text models: the captions of the FID reference split, sample i from the caption of evaluation image i (Tab. 2
+    samples one image per MS-COCO validation caption); None for the other kinds. The vocabulary must be the one the
+    model was trained with (its hash in the training's meta.json), or the same words would reach it as other ids."""
+    if ctx.root.conditioning.kind is not ConditioningKind.text:
+        return None
+    from replication.data.prepare import REFERENCE, open_prepared
+
+    vocab = Path(ctx.root.conditioning.vocab_path)
+    trained = meta.get("text", {}).get("vocab_sha256")
+    if trained is not None and vocab.is_file() and file_sha256(vocab) != trained:
+        raise StageError(f"{vocab} is not the vocabulary the model was trained with (SHA-256 {file_sha256(vocab)[:12]}, "
+                         f"training used {trained[:12]}): point conditioning.vocab_path at that file")
+    images = open_prepared(ctx.typed.dataset, REFERENCE)
+    ctx.record_input(images.card_path)
+    if images.captions is None:
+        raise StageError(f"conditioning.kind=text samples from the captions of the evaluation images, and dataset "
+                         f"'{ctx.typed.dataset.name}' has none")
+    return images.captions
 
 
 def evaluation_conditions(ctx: StageContext, first_stage: torch.nn.Module, device: torch.device):
@@ -236,7 +291,10 @@ def _samples_key(ctx: StageContext):
     decoder = stage_content_id(read_json(ae_done)) if ae_done.exists() else None
     sampler = {k: v for k, v in to_container(ctx.typed.sampler).items() if k not in ("batch_size", "num_samples")}
     base = {"weights": weights, "decoder": decoder, "sampler": sampler, "precision": ctx.root.sampling_speed.precision.value,
-            "shard_size": ctx.root.sample_shard_size, "conditioning": to_container(ctx.root.conditioning)}
+            "shard_size": ctx.root.sample_shard_size, "conditioning": conditioning_record(ctx.root.conditioning)}
+    vocab = ctx.root.conditioning.vocab_path
+    if ctx.root.conditioning.kind is ConditioningKind.text and vocab and Path(vocab).is_file():
+        base["vocab_sha256"] = file_sha256(Path(vocab))  # the same prompts are other ids under another vocabulary
     return lambda steps, what: sha256_json({**base, "steps": steps, "what": what})
 
 
@@ -256,6 +314,11 @@ def _body(ctx: StageContext) -> dict[str, Any]:
                 gen.conditions.check_count(n)
         except ConditionError as exc:
             raise StageError(str(exc)) from None
+    if gen.prompts is not None:
+        for n in (sampler.num_samples, root.curves.num_samples, ctx.typed.trainer.eval_num_samples):
+            if n > len(gen.prompts):
+                raise StageError(f"{n} samples asked for, but the evaluation split has {len(gen.prompts)} captions "
+                                 "(one sample per caption): sample fewer")
     result: dict[str, Any] = {}
     key = _samples_key(ctx)
     main = sample_to_shards(gen, ctx.run_dir / SAMPLES_DIR, sampler.num_samples, sampler.steps, root.sample_shard_size,
@@ -285,9 +348,31 @@ def _body(ctx: StageContext) -> dict[str, Any]:
         snapshots.append({"train_step": step, "dir": str(d)})
         outputs.append(d)
     result["curves"], result["snapshots"] = curves, snapshots
-    atomic_write_json(ctx.stage_dir / "series.json", {"curves": curves, "snapshots": snapshots})
+    series: dict[str, Any] = {"curves": curves, "snapshots": snapshots}
+    if root.conditioning.kind is ConditioningKind.text and root.conditioning.probe_prompts:
+        series["probes"] = _probe_samples(ctx, gen, key, dist)
+        outputs += [Path(p["dir"]) for p in series["probes"]]
+    atomic_write_json(ctx.stage_dir / "series.json", series)
     result["outputs"] = outputs + [ctx.stage_dir / "series.json"]
     return result
+
+
+PROBES_DIR = "sample/probes"
+
+
+def _probe_samples(ctx: StageContext, gen: Generator, key, dist) -> list[dict[str, Any]]:
+    """conditioning.probe_samples samples of each probe prompt and of the empty prompt "" (the unconditional model),
+    all from the seeds of samples 0..n-1, so the sets differ in their prompt only: the evaluation reads from them
+    whether the captions steer the samples."""
+    cond, sampler, root = ctx.root.conditioning, ctx.typed.sampler, ctx.root
+    probes = []
+    for k, prompt in enumerate([*cond.probe_prompts, ""]):
+        d = ctx.run_dir / PROBES_DIR / (f"prompt_{k:02d}" if prompt else "unconditional")
+        sample_to_shards(gen.with_prompts([prompt] * cond.probe_samples), d, cond.probe_samples, sampler.steps,
+                         root.sample_shard_size, sampler.batch_size, ctx.progress, desc=f"probe {prompt!r}", dist=dist,
+                         key=key(sampler.steps, f"probe:{prompt}"))
+        probes.append({"prompt": prompt, "dir": str(d)})
+    return probes
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

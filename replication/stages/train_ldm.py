@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from replication.config import CONCAT_KINDS, Precision, to_container
+from replication.config import CONCAT_KINDS, ConditioningKind, Precision, conditioning_record, to_container
 from replication.stages.artifacts import (LDM_EMA, LDM_META, LDM_RAW, LDM_SNAPSHOTS, LDM_STATE_DIR, build_unet,
                                           load_first_stage, num_label_classes)
 from replication.stages.context import StageContext, StageError
@@ -97,6 +97,42 @@ class _ConcatSource:
         return len(self.images), self.moments, None
 
 
+class _CaptionSource:
+    """Token ids of the training captions (text-to-image): each visit first drops captions to the empty prompt ""
+    with conditioning.caption_drop_prob, one draw per caption from the training loop's generator (so a resumed run
+    drops the same ones), then tokenizes them as the release's BERTTokenizer (int64 (B, 77))."""
+
+    def __init__(self, captions: list[str], tokenizer: Any, drop_prob: float):
+        self.captions, self.tokenizer, self.drop_prob = captions, tokenizer, drop_prob
+
+    def tokens(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        from replication.data.tokenizer import drop_captions
+
+        chosen = [self.captions[i] for i in indices.tolist()]
+        return self.tokenizer(drop_captions(chosen, self.drop_prob, generator))
+
+
+def _caption_source(ctx: StageContext) -> _CaptionSource:
+    """The training split's captions, from the latent cache when training reads it (its card records their hash),
+    otherwise from the prepared images, with the experiment's tokenizer."""
+    from replication.stages.artifacts import caption_tokenizer
+
+    if ctx.typed.trainer.use_latent_cache:
+        from replication.data.latents import LatentDataset
+
+        captions = LatentDataset(ctx.run_dir / "encode_latents" / "train.latents").captions
+    else:
+        from replication.data.prepare import open_prepared
+
+        captions = open_prepared(ctx.typed.dataset, "train").captions
+    if captions is None:
+        raise StageError(f"conditioning.kind=text but dataset '{ctx.typed.dataset.name}' has no captions (a captioned "
+                         "dataset: builtin.captions, or family captioned)")
+    tokenizer = caption_tokenizer(ctx.typed)
+    ctx.record_input(tokenizer.vocab_path)
+    return _CaptionSource(captions, tokenizer, ctx.root.conditioning.caption_drop_prob)
+
+
 def _import_pretrained(ctx: StageContext) -> dict[str, Any]:
     """Released weights through our pipeline (users re-evaluating the paper's checkpoints, latent-diffusion
     #138/#213): the (EMA) U-Net, the class embedder of cIN models and the stored scale_factor of an original
@@ -139,7 +175,7 @@ def _resume_key(ctx: StageContext, world_size: int) -> str:
     trajectory = {"trainer": {k: v for k, v in trainer.items() if k not in RESUMABLE_TRAINER_CHANGES},
                   "global_batch": trainer["batch_size"] * trainer["accumulate_grad_batches"] * world_size,
                   "unet": unet, "diffusion": to_container(ctx.typed.diffusion), "seed": ctx.root.seed,
-                  "conditioning": to_container(ctx.root.conditioning)}
+                  "conditioning": conditioning_record(ctx.root.conditioning)}
     return resume_key(STAGE, ctx.cfg, trajectory)
 
 
@@ -159,6 +195,7 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     first_stage = load_first_stage(ctx.run_dir, typed, device)
     concat = _ConcatSource(ctx, first_stage, device) if ctx.root.conditioning.kind in CONCAT_KINDS else None
     num_items, moments_fn, labels = _latent_source(ctx, first_stage) if concat is None else concat.latent_source()
+    text = _caption_source(ctx) if ctx.root.conditioning.kind is ConditioningKind.text else None
     unet = build_unet(typed).to(device)
     num_classes = num_label_classes(typed)
     if num_classes and labels is None:
@@ -215,6 +252,8 @@ def _body(ctx: StageContext) -> dict[str, Any]:
             moments, cond = concat.batch(indices, generator)
             return latents(moments, generator) * extra["scale_factor"], cond
         z = latents(moments_fn(indices, generator), generator) * extra["scale_factor"]
+        if text is not None:  # the captions of these images, some dropped to "", as token ids
+            return z, text.tokens(indices, generator)
         cond = None
         if num_classes:
             cond = labels[indices].long()
@@ -250,6 +289,11 @@ def _body(ctx: StageContext) -> dict[str, Any]:
                 "precision": trainer.precision.value, "trainer": to_container(trainer),
                 "ema": ema is not None, "unet": to_container(typed.unet), "diffusion": to_container(diffusion),
                 "num_params": sum(p.numel() for p in unet.parameters())}
+        if text is not None:  # the sample stage tokenizes its prompts with the same vocabulary, or stops
+            from replication.utils.verify import file_sha256
+
+            meta["text"] = {"vocab_sha256": file_sha256(text.tokenizer.vocab_path),
+                            "caption_drop_prob": text.drop_prob, "captions": len(text.captions)}
         atomic_write_json(ctx.run_dir / LDM_META, meta)
         outputs = [ctx.run_dir / LDM_EMA, ctx.run_dir / LDM_RAW, ctx.run_dir / LDM_META]
     return {"steps": summary["step"], "resumed_from": summary["resumed_from"], "last_loss": summary["last_loss"],

@@ -25,7 +25,8 @@ from replication.perf import FastPath, autocast, compile_call, make_adamw, prepa
 @dataclass
 class MicroBatch:
     """One micro-batch on the training device: scaled latents, the timesteps and noise drawn for them, and the
-    conditioning (class labels as an integer tensor, a cross-attention context as a float tensor, or None)."""
+    conditioning (class labels or token ids as an integer tensor, a cross-attention context as a float tensor, or
+    None)."""
 
     x0: torch.Tensor
     t: torch.Tensor
@@ -55,6 +56,8 @@ class TrainStep:
                           if lr_lambda is not None else None)
         # a float condition is a cross-attention context, or the image a concat-conditioned model joins to z_t
         self.float_condition = getattr(model, "float_condition", "context")
+        # an integer condition is class labels (`y`), or token ids for a text-conditional model (`tokens`)
+        self.integer_condition = getattr(model, "integer_condition", "y")
         self.ddp: Optional[nn.parallel.DistributedDataParallel] = None
         self.forward: Optional[Callable[..., torch.Tensor]] = None
 
@@ -67,8 +70,8 @@ class TrainStep:
         self.forward = compile_call(module, self.fast)
 
     def denoiser(self, cond: Optional[torch.Tensor]) -> Denoiser:
-        """eps(x_t, t) of the wrapped model under `cond`: labels go to `y`, a float tensor to `context` (or to
-        `c_concat` for a concat-conditioned model)."""
+        """eps(x_t, t) of the wrapped model under `cond`: labels go to `y` (token ids to `tokens` for a
+        text-conditional model), a float tensor to `context` (or to `c_concat` for a concat-conditioned model)."""
         forward = self.forward
         if forward is None:
             raise RuntimeError("TrainStep.wrap() must run before the first step")
@@ -78,7 +81,7 @@ class TrainStep:
             if cond is None:
                 return forward(x_in, t)
             if cond.dtype in (torch.int64, torch.int32):
-                return forward(x_in, t, y=cond)
+                return forward(x_in, t, **{self.integer_condition: cond})
             return forward(x_in, t, **{self.float_condition: cond})
         return denoise
 
