@@ -19,6 +19,7 @@ from replication.data.preprocess import (
     preprocess_lsun,
     resize_cv2,
     smallest_side_size,
+    spec_dict,
     spec_for,
     spec_hash,
 )
@@ -137,10 +138,13 @@ def test_spec_hash_changes_with_every_field():
     h0 = spec_hash(base)
     assert h0 == spec_hash(PreprocessSpec(**dataclasses.asdict(base)))
     changes = {"family": "ffhq", "resolution": 128, "interpolation": "cv2_bilinear", "crop": "random",
-               "crop_seed": 3, "version": base.version + 1}
+               "crop_seed": 3, "version": base.version + 1, "crop_factor": (0.5, 1.0)}
     assert set(changes) == {f.name for f in dataclasses.fields(PreprocessSpec)}
     hashes = {spec_hash(dataclasses.replace(base, **{k: v})) for k, v in changes.items()}
     assert h0 not in hashes and len(hashes) == len(changes)
+    # a field only some families set is left out where unset: the other families' hashes are as without it
+    assert "crop_factor" not in spec_dict(base) and spec_dict(dataclasses.replace(base, crop_factor=(0.5, 1.0)))[
+        "crop_factor"] == [0.5, 1.0]
 
 
 def _cfg(**kw):

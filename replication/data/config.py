@@ -22,6 +22,9 @@ class Family(str, Enum):
     # image-caption pairs (text-to-image, Tab. 2): a folder of images with a .txt caption beside each, WebDataset
     # tar shards (LAION), or MS-COCO's captions annotation file (`captions` section)
     captioned = "captioned"
+    # the same ILSVRC2012 folders, SR3-filtered, with ldm/data/imagenet.py ImageNetSR's crop (super-resolution)
+    imagenet_sr = "imagenet_sr"
+    places = "places"  # Places365-Standard high-resolution folders (inpainting: LaMa's protocol)
 
 
 class Interpolation(str, Enum):
@@ -29,6 +32,7 @@ class Interpolation(str, Enum):
 
     pil_bicubic = "pil_bicubic"  # PIL Image.resize(..., BICUBIC): ldm/data/lsun.py
     cv2_bilinear = "cv2_bilinear"  # cv2.resize INTER_LINEAR, albumentations' default: taming base.py
+    cv2_area = "cv2_area"  # cv2.resize INTER_AREA: ImageNetSR's rescaler of the crop (ldm/data/imagenet.py)
     none = "none"  # images are already at the target resolution (builtin)
 
 
@@ -126,6 +130,44 @@ class CaptionsConfig:
 
 
 @dataclass
+class SuperresDataConfig:
+    """ImageNet prepared for super-resolution (family imagenet_sr; data/imagenet.py `sr_split_records`). The SR3
+    filter keeps images whose shorter side is at least `min_side`: from the release's index files when they are
+    under `root` (pickled lists of indices into the sorted file list, as ImageNetSR reads them), otherwise computed
+    from every image's size. Each kept image is stored as one crop (data/superres.py `sr_crop`): side
+    c * shorter side, c ~ U[min_crop_f, max_crop_f], INTER_AREA to `resolution`, drawn once from (crop_seed, image
+    index); the release draws a new crop at every visit. The degradation is not stored: training draws it per
+    visit (conditioning.degradation)."""
+
+    train_indices: Optional[str] = "imagenet_train_hr_indices.p"
+    val_indices: Optional[str] = "imagenet_val_hr_indices.p"
+    min_side: int = 256
+    min_crop_f: float = 0.5
+    max_crop_f: float = 1.0
+    random_crop: bool = True
+
+
+class EvalList(str, Enum):
+    """Which seeded evaluation list of the Places validation images the val split holds (data/places.py)."""
+
+    test = "test"  # LaMa's protocol, Tab. 7 (30k)
+    ablation = "ablation"  # Tab. 6 (2k)
+
+
+@dataclass
+class PlacesConfig:
+    """Places for inpainting (family places): training images as random `resolution` crops, the evaluation list
+    `eval_list` as `eval_resolution` centre crops. The two lists are drawn once from the sorted validation names with
+    `list_seed` (test_count, then ablation_count, disjoint) and recorded in the dataset card."""
+
+    eval_list: EvalList = EvalList.test
+    list_seed: int = 0
+    test_count: int = 30_000
+    ablation_count: int = 2_000
+    eval_resolution: int = 512
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING
     family: Family = MISSING
@@ -150,8 +192,16 @@ class DatasetConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     num_workers: int = 2
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
+    superres: SuperresDataConfig = field(default_factory=SuperresDataConfig)  # family imagenet_sr only
+    places: PlacesConfig = field(default_factory=PlacesConfig)  # family places only
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)  # family captioned only
     source: str = MISSING  # citation: where the data and the preprocessing come from
+
+
+# config sections that only one family reads: a dataset of another family leaves them out of its config hash, so
+# adding a section does not re-prepare the datasets that ignore it
+FAMILY_SECTIONS: dict[str, Family] = {"superres": Family.imagenet_sr, "places": Family.places,
+                                      "captions": Family.captioned}
 
 
 def validate_dataset_cfg(cfg: Union[Mapping[str, Any], DictConfig, DatasetConfig]) -> DatasetConfig:
@@ -179,9 +229,20 @@ def _check_consistency(cfg: DatasetConfig) -> None:
         fail(f"'splits.fallback_val_count' must be >= 0 (got {cfg.splits.fallback_val_count})")
     if cfg.captions.subset is not None and cfg.captions.subset < 1:
         fail(f"'captions.subset' must be positive or null (got {cfg.captions.subset})")
-    if cfg.family in (Family.builtin, Family.imagenet, Family.captioned):
+    if cfg.family in (Family.builtin, Family.imagenet, Family.imagenet_sr, Family.places, Family.captioned):
         if cfg.splits.train_list or cfg.splits.val_list:
             fail(f"family '{cfg.family.value}' defines splits by folders; remove 'splits.*_list'")
+    sr = cfg.superres
+    if sr.min_side < 1:
+        fail(f"'superres.min_side' must be positive (got {sr.min_side})")
+    if not 0.0 < sr.min_crop_f <= sr.max_crop_f <= 1.0:
+        fail(f"'superres.min_crop_f' and 'superres.max_crop_f' need 0 < min <= max <= 1 (got {sr.min_crop_f}, "
+             f"{sr.max_crop_f})")
+    p = cfg.places
+    if p.test_count < 0 or p.ablation_count < 0:
+        fail(f"'places.test_count' and 'places.ablation_count' must be >= 0 (got {p.test_count}, {p.ablation_count})")
+    if p.eval_resolution < 1:
+        fail(f"'places.eval_resolution' must be positive (got {p.eval_resolution})")
     for f in cfg.download.files:
         for algo, length in (("sha256", 64), ("md5", 32)):
             value = getattr(f, algo)

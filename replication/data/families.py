@@ -1,13 +1,13 @@
 """Which reader turns a dataset's raw files into records: one per dataset family with raw files (`READERS`).
-The family modules (lsun.py, faces.py, imagenet.py) read their on-disk layouts with the records, split lists and
-decoding of sources.py; this module sits above all of them and picks one by `cfg.family`."""
+The family modules (lsun.py, faces.py, imagenet.py, places.py, captioned.py) read their on-disk layouts with the
+records, split lists and decoding of sources.py; this module sits above all of them and picks one by `cfg.family`."""
 from __future__ import annotations
 
 from typing import Callable, Iterator
 
 from PIL import Image
 
-from replication.data import captioned, faces, imagenet, lsun
+from replication.data import captioned, faces, imagenet, lsun, places
 from replication.data.config import DatasetConfig, Family, Split
 from replication.data.sources import SplitRecords, decode_record
 
@@ -17,6 +17,8 @@ READERS: dict[Family, Callable[[DatasetConfig, Split, bool], SplitRecords]] = {
     Family.ffhq: faces.ffhq_split_records,
     Family.celebahq: lambda cfg, split, progress: faces.celebahq_split_records(cfg, split),
     Family.imagenet: lambda cfg, split, progress: imagenet.split_records(cfg, split),
+    Family.imagenet_sr: imagenet.sr_split_records,
+    Family.places: lambda cfg, split, progress: places.split_records(cfg, split),
     Family.captioned: lambda cfg, split, progress: captioned.split_records(cfg, split),
 }
 

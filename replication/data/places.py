@@ -5,7 +5,8 @@ shorter side 512 or more): `data_large/<letter>/<category>[/<sub>]/<n>.jpg` for 
 `val_large/Places365_val_<n>.jpg` (36,500 images) for validation. LaMa evaluates on 30k images drawn from the
 validation set and the paper's ablation (Tab. 6) on 2k more. LaMa drew its list without a seed, so it cannot be made
 again; here the two lists are drawn from the sorted validation file names with a recorded seed, disjoint, and
-written into the dataset card, so every machine evaluates the same images.
+written into the dataset card, so every machine evaluates the same images. `split_records` reads a split for the
+prepare stage: every training image, or the evaluation list the dataset config names (`places.eval_list`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from replication.data.config import DatasetConfig, EvalList, Split
+from replication.data.sources import PayloadKind, RawRecord, SplitRecords, evenly_spaced, raw_dir
 
 TRAIN_DIR = "data_large"
 VAL_DIR = "val_large"
@@ -85,3 +89,28 @@ def evaluation_lists(names: list[str], seed: int, test_count: int = LAMA_TEST_CO
     test = tuple(sorted(ordered[i] for i in order[:test_count]))
     ablation = tuple(sorted(ordered[i] for i in order[test_count:test_count + ablation_count]))
     return EvaluationLists(seed, test, ablation)
+
+
+def split_records(cfg: DatasetConfig, split: Split) -> SplitRecords:
+    """Training: every image under data_large, sorted by path. Validation: the evaluation list `places.eval_list`
+    (test or ablation) of `evaluation_lists(val images, places.list_seed, places.test_count, places.ablation_count)`,
+    whose seed, counts and hash the card records. A capped split (max_images) is evenly spaced over its list. Keys are
+    the paths below the published folder without the suffix."""
+    root = raw_dir(cfg)
+    if split is Split.train:
+        names = train_files(root)
+        folder = root / TRAIN_DIR
+        origin: dict = {"kind": "folders", "format": f"{TRAIN_DIR}/<letter>/<category>/*.jpg", "all_images": len(names)}
+    else:
+        all_names = val_files(root)
+        folder = root / VAL_DIR
+        p = cfg.places
+        lists = evaluation_lists(all_names, p.list_seed, p.test_count, p.ablation_count)
+        names = list(lists.test if p.eval_list is EvalList.test else lists.ablation)
+        origin = {"kind": "evaluation_list", "format": f"{VAL_DIR}/*.jpg", "eval_list": p.eval_list.value,
+                  "all_images": len(all_names), "evaluation_lists": lists.card()}
+    names = evenly_spaced(names, cfg.max_images)
+    origin["listed"] = len(names)
+    records = (RawRecord(key=Path(n).with_suffix("").as_posix(), name=str(folder / n), payload=str(folder / n),
+                         kind=PayloadKind.IMAGE) for n in names)
+    return SplitRecords(len(names), records, origin)

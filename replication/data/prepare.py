@@ -9,14 +9,14 @@ from dataclasses import asdict
 from functools import lru_cache
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from replication.data.builtin import builtin_vocabulary, make_builtin_captioned
-from replication.data.config import DatasetConfig, Family, FidReference, OnCorrupt, Split
+from replication.data.config import FAMILY_SECTIONS, DatasetConfig, Family, FidReference, OnCorrupt, Split
 from replication.data.download import (DownloadError, ManualDownloadRequired, download, manual_instructions, require_manual,
                                        safe_extract, verify_checksum)
 from replication.data.prepared import CARD, PreparedImages, SkippedImage, write_alias, write_prepared
-from replication.data.preprocess import PreprocessSpec, crop_rng, preprocess_fn_for_spec, spec_for, spec_hash
+from replication.data.preprocess import PreprocessSpec, crop_rng, preprocess_fn_for_spec, spec_dict, spec_for, spec_hash
 from replication.data.families import iter_records
 from replication.data.sources import CorruptImageError, RawRecord, decode_record, downloads_hint, find_list_file
 from replication.data.tokenizer import VOCAB_FILE
@@ -31,6 +31,14 @@ _WINDOW_PER_WORKER = 64  # records in flight per worker: bounds memory when LMDB
 
 def split_dir(cfg: DatasetConfig, name: str) -> Path:
     return Path(cfg.prepared_dir) / name
+
+
+def split_folder(cfg: DatasetConfig, split: Split) -> str:
+    """The folder of a prepared split: its name, except Places validation, whose folder names its evaluation list
+    (val_test, val_ablation), so Tab. 6's and Tab. 7's experiments keep both lists prepared side by side."""
+    if cfg.family is Family.places and split is Split.val:
+        return f"{split.value}_{cfg.places.eval_list.value}"
+    return split.value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,24 +137,26 @@ def _base_card(cfg: DatasetConfig, split: str, spec: PreprocessSpec, train_mode:
         "mode": "train" if train_mode else "eval",
         "source": cfg.source,
         "raw_root": str(cfg.root),
-        "preprocess_spec": asdict(spec),
+        "preprocess_spec": spec_dict(spec),
         "spec_hash": spec_hash(spec),
         "flip_train": bool(cfg.flip_train and train_mode),
         "max_images": cfg.max_images,
         "on_corrupt": cfg.on_corrupt.value,
-        "config_hash": config_hash(cfg),
+        "config_hash": config_hash(cfg, Split(split)),
     }
 
 
-def config_hash(cfg: DatasetConfig) -> str:
+def config_hash(cfg: DatasetConfig, split: Optional[Split] = None) -> str:
     """Hash of every config field that can change the prepared pixels or their selection: not the worker count,
-    and not where the folders are (a moved data or runs folder keeps its prepared splits)."""
+    not where the folders are (a moved data or runs folder keeps its prepared splits), not the sections of other
+    families (FAMILY_SECTIONS), and for the Places training split not the `places` section, which chooses and
+    crops the evaluation images only (switching the evaluation list must not prepare 1.8M training images again)."""
     fields = asdict(cfg)
     for location in ("num_workers", "root", "prepared_dir"):
         fields.pop(location)
-    # caption settings count only where captions are made: the splits of every other dataset keep their hash
-    if cfg.family is not Family.captioned:
-        fields.pop("captions")
+    for section, family in FAMILY_SECTIONS.items():
+        if cfg.family is not family or (family is Family.places and split is Split.train):
+            fields.pop(section)
     if not cfg.builtin.captions:  # the captions switch counts only where it is on
         fields["builtin"].pop("captions")
     return sha256_json(fields)
@@ -232,7 +242,8 @@ def reference_splits(cfg: DatasetConfig) -> list[Split]:
 
 
 def prepare_dataset(cfg: DatasetConfig, split: str, progress: bool = True, overwrite: bool = False) -> dict:
-    """Prepare `split` ('train', 'val' or 'reference') under `cfg.prepared_dir/<split>` and return a summary
+    """Prepare `split` ('train', 'val' or 'reference') under `cfg.prepared_dir/<split>` (Places validation:
+    `val_<evaluation list>`) and return a summary
     {dir, images, card, count, num_skipped, spec_hash, reused}. 'train' is stored with the training
     preprocessing (ImageNet: one random crop per image); 'val' with the evaluation one. 'reference' is the
     FID reference set named by `fid_reference`, always with evaluation preprocessing and no flips: a card
@@ -242,7 +253,7 @@ def prepare_dataset(cfg: DatasetConfig, split: str, progress: bool = True, overw
         parts = []
         for s in reference_splits(cfg):
             same = spec_for(cfg, train=s is Split.train) == spec_for(cfg, train=False)
-            name = s.value if same else f"{s.value}_eval"
+            name = split_folder(cfg, s) if same else f"{split_folder(cfg, s)}_eval"
             parts.append(_prepare_split(cfg, s, train_mode=s is Split.train and same, out_name=name, progress=progress, overwrite=overwrite))
         out_dir = split_dir(cfg, REFERENCE)
         card = {
@@ -255,8 +266,11 @@ def prepare_dataset(cfg: DatasetConfig, split: str, progress: bool = True, overw
         final = write_alias(out_dir, [p["dir"] for p in parts], card)
         return _summary(out_dir, final, reused=all(p["reused"] for p in parts))
     s = Split(split)
-    return _prepare_split(cfg, s, train_mode=s is Split.train, out_name=s.value, progress=progress, overwrite=overwrite)
+    return _prepare_split(cfg, s, train_mode=s is Split.train, out_name=split_folder(cfg, s), progress=progress,
+                          overwrite=overwrite)
 
 
 def open_prepared(cfg: DatasetConfig, split: str) -> PreparedImages:
-    return PreparedImages(split_dir(cfg, split))
+    """A prepared split ('train', 'val' or 'reference'), or any prepared folder by its name."""
+    names = {s.value: split_folder(cfg, s) for s in Split}
+    return PreparedImages(split_dir(cfg, names.get(split, split)))

@@ -123,6 +123,15 @@ def downloads_hint(cfg: DatasetConfig) -> str:
     return "Files of this dataset, each fetched by the prepare stage or placed there by hand:\n" + "\n".join(lines)
 
 
+def evenly_spaced(items: list, count: Optional[int]) -> list:
+    """`count` items evenly spaced over the list (all of them when `count` is None or not smaller), so a capped
+    split (max_images) still spans the whole sorted list: every class of ImageNet, every category of Places."""
+    if count is None or count >= len(items):
+        return items
+    step = len(items) / count
+    return [items[int(i * step)] for i in range(count)]
+
+
 def find_list_file(root: Path, listed: str) -> Optional[Path]:
     """`listed` relative to root, or any file with that base name below root (archives nest differently)."""
     direct = Path(listed) if Path(listed).is_absolute() else root / listed
