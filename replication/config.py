@@ -426,13 +426,9 @@ def _check_concat_inputs(typed: TypedConfig) -> None:
 
     cond = typed.root.conditioning
     try:
-        task_conditions(cond)
+        task_conditions(cond, downsampling_factor(typed.autoencoder))
     except ConditionError as exc:
         raise ConfigError(str(exc)) from None
-    f = downsampling_factor(typed.autoencoder)
-    if kind == ConditioningKind.lowres and cond.sr_factor != f:
-        raise ConfigError(f"conditioning.sr_factor={cond.sr_factor}: the low-resolution image is joined to the latent, "
-                          f"so its factor must be the autoencoder's downsampling factor f={f}")
     if typed.trainer.use_latent_cache and not typed.trainer.pretrained and "train_ldm" in typed.root.stages:
         raise ConfigError(f"conditioning.kind={kind.value} trains on a fresh condition per visit (a new degradation "
                           "or mask), made from the image: set trainer.use_latent_cache=false")

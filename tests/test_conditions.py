@@ -42,7 +42,7 @@ def test_superres_inputs_are_the_degraded_images_in_unit_range():
     want = np.array(Image.fromarray(images[1]).resize((8, 8), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(out["lowres_uint8"][1], want)
     torch.testing.assert_close(out["lowres"][1], torch.from_numpy(want).permute(2, 0, 1).float() / 127.5 - 1)
-    assert task.concat(out, lambda x: x, torch.device("cpu")) is not None
+    torch.testing.assert_close(task.concat(out, lambda x: x, torch.device("cpu")), out["lowres"])
 
 
 def test_random_degradations_differ_per_visit_and_repeat_per_seed():
@@ -114,7 +114,7 @@ def test_unknown_options_and_sizes_are_refused_by_name():
 
 @pytest.mark.parametrize("overrides, message", [
     (["experiment=smoke_sr", "trainer.use_latent_cache=true"], "use_latent_cache=false"),
-    (["experiment=smoke_sr", "conditioning.sr_factor=2"], "downsampling factor f=4"),
+    (["experiment=smoke_sr", "conditioning.sr_factor=2"], "multiple of the autoencoder.s downsampling factor f=4"),
     (["experiment=smoke_sr", "conditioning.degradation=bicubik"], "bicubik"),
     (["experiment=smoke_inpaint", "conditioning.mask_config=wide"], "wide"),
     (["experiment=smoke_inpaint", "unet.in_channels=7"], "in_channels must be 9"),
@@ -130,3 +130,16 @@ def test_task_experiments_build_their_conditions():
     inpaint = validate_config(compose(["experiment=smoke_inpaint"]))
     assert task_conditions(inpaint.root.conditioning) == Inpainting("thick")
     assert task_conditions(validate_config(compose(["experiment=smoke"])).root.conditioning) is None
+
+
+def test_a_pixel_space_model_reads_the_input_upsampled_to_its_size():
+    images = _images(2)
+    pixel = task_conditions(validate_config(compose(["experiment=imagenet_sr_pixel"])).root.conditioning, 1)
+    assert pixel == SuperResolution("pil_bicubic", 4, upsample=4)
+    inputs = pixel.make(images, evaluation_rngs(0, "val", np.arange(2)))
+    joined = pixel.concat(inputs, lambda x: x, torch.device("cpu"))
+    assert joined.shape == (2, 3, 32, 32)  # the image's size: f = 1
+    want = torch.nn.functional.interpolate(inputs["lowres"], scale_factor=4, mode="bicubic", align_corners=False)
+    torch.testing.assert_close(joined, want.clamp(-1, 1))
+    latent = SuperResolution("pil_bicubic", 4)  # LDM-4: the latent has the input's size, nothing is resampled
+    torch.testing.assert_close(latent.concat(inputs, lambda x: x, torch.device("cpu")), inputs["lowres"])

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from replication.data.masks import LAMA_CONFIGS, MAX_ATTEMPTS, MaskConfig, MaskError, candidate_mask, image_seed, mask_config
 from replication.data.superres import DEGRADATIONS, DegradationError, degrade
@@ -68,10 +69,14 @@ def _unit_range(images: np.ndarray) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SuperResolution:
-    """The low-resolution input of each image: `degradation` to size / factor (the release's ImageNetSR options)."""
+    """The low-resolution input of each image: `degradation` to size / factor (the release's ImageNetSR options).
+    The U-Net joins it to a latent `upsample` times larger (factor / first-stage f): 1 for LDM-SR on a latent of the
+    input's size (bsr_sr: x4 on VQ-f4), 4 for the pixel-space DM of Tab. 11, which reads the input bicubically
+    upsampled to the output size as SR3 does."""
 
     degradation: str
     factor: int
+    upsample: int = 1
 
     def __post_init__(self) -> None:
         if self.degradation not in DEGRADATIONS:
@@ -93,10 +98,14 @@ class SuperResolution:
     def concat(self, inputs: dict[str, Any], encode: Callable[[torch.Tensor], torch.Tensor],
                device: torch.device) -> torch.Tensor:
         # the release's cond_stage for bsr_sr is the identity: the U-Net reads the low-resolution image itself
-        return inputs["lowres"].to(device)
+        lowres = inputs["lowres"].to(device)
+        if self.upsample == 1:
+            return lowres
+        return F.interpolate(lowres, scale_factor=self.upsample, mode="bicubic", align_corners=False).clamp(-1, 1)
 
     def card(self) -> dict[str, Any]:
-        return {"task": "superres", "degradation": self.degradation, "factor": self.factor}
+        return {"task": "superres", "degradation": self.degradation, "factor": self.factor,
+                **({"input_upsampled": f"x{self.upsample} bicubic"} if self.upsample > 1 else {})}
 
 
 @dataclass(frozen=True)
@@ -137,11 +146,18 @@ class Inpainting:
 TaskConditions = SuperResolution | Inpainting
 
 
-def task_conditions(conditioning: Any) -> Optional[TaskConditions]:
-    """The condition maker of a `conditioning` config section (None for the kinds that take no image)."""
+def task_conditions(conditioning: Any, first_stage_f: int = 0) -> Optional[TaskConditions]:
+    """The condition maker of a `conditioning` config section (None for the kinds that take no image);
+    `first_stage_f`, the autoencoder's downsampling factor, decides how much a low-resolution input is upsampled to
+    the latent's size (0: as large as the latent already)."""
     kind = getattr(conditioning.kind, "value", conditioning.kind)
     if kind == "lowres":
-        return SuperResolution(conditioning.degradation, conditioning.sr_factor)
+        factor = conditioning.sr_factor
+        if first_stage_f and factor % first_stage_f:
+            raise ConditionError(f"conditioning.sr_factor={factor}: the low-resolution image is joined to the latent, "
+                                 f"so the factor must be a multiple of the autoencoder's downsampling factor "
+                                 f"f={first_stage_f}")
+        return SuperResolution(conditioning.degradation, factor, factor // first_stage_f if first_stage_f else 1)
     if kind == "masked_image":
         return Inpainting(conditioning.mask_config)
     return None

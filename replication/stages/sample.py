@@ -165,7 +165,7 @@ def evaluation_conditions(ctx: StageContext, first_stage: torch.nn.Module, devic
     from replication.data.conditions import EvaluationConditions, task_conditions
     from replication.data.prepare import REFERENCE, open_prepared
 
-    task = task_conditions(ctx.root.conditioning)
+    task = task_conditions(ctx.root.conditioning, int(getattr(first_stage, "downsampling_factor", 1)))
     if task is None:
         return None
     images = open_prepared(ctx.typed.dataset, REFERENCE)

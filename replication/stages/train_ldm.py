@@ -66,7 +66,7 @@ class _ConcatSource:
         self.dataset, self.first_stage, self.device = ctx.typed.dataset, first_stage, device
         self.images = open_prepared(self.dataset, "train")
         ctx.record_input(self.images.card_path)
-        self.task = task_conditions(ctx.root.conditioning)
+        self.task = task_conditions(ctx.root.conditioning, int(getattr(first_stage, "downsampling_factor", 1)))
 
     @torch.no_grad()
     def _images(self, indices: torch.Tensor, generator: torch.Generator) -> np.ndarray:
