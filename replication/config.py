@@ -15,6 +15,8 @@ from replication.metrics.config import MetricsConfig, validate_metrics_cfg
 from replication.models.autoencoder_config import AutoencoderConfig, validate_autoencoder_cfg
 from replication.models.text_encoder import TextEncoderConfig
 from replication.models.unet_config import UNetConfig, validate_unet_cfg
+from replication.training.classifier_config import (ClassifierGroupConfig, check_classifier_fits,
+                                                    validate_classifier_group_cfg)
 from replication.utils.paths import PLAIN_NAME_RULE, is_plain_name
 from replication.utils.schema import ConfigError, check_finite, check_range, merge_into_schema
 
@@ -43,7 +45,8 @@ class Precision(str, enum.Enum):
     bf16 = "bf16"  # autocast with fp32 master weights
 
 
-STAGES = ("prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample", "evaluate", "report")
+STAGES = ("prepare", "train_autoencoder", "encode_latents", "train_ldm", "train_classifier", "sample", "evaluate",
+          "report")
 AUTOENCODER_STAGES = ("prepare", "train_autoencoder", "evaluate", "report")
 
 
@@ -240,7 +243,10 @@ def check_adam_betas(betas: list[float], key: str) -> None:
         check_range(beta, f"{key}[{i}]", low=0.0, high=1.0, high_open=True)
 
 
-GROUPS = ("dataset", "autoencoder", "unet", "diffusion", "sampler", "metrics", "trainer")
+GROUPS = ("dataset", "autoencoder", "unet", "diffusion", "sampler", "metrics", "trainer", "classifier")
+# groups a config may leave out: a config without a classifier group (a run folder's config.yaml written without
+# one, a hand-made config) has no classifier guidance, as with classifier=none
+OPTIONAL_GROUPS = frozenset({"classifier"})
 
 # group -> the function validating that group against its schema and returning the typed object
 GROUP_VALIDATORS: dict[str, Callable[[Any], Any]] = {
@@ -251,6 +257,7 @@ GROUP_VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "sampler": validate_sampler_cfg,
     "metrics": validate_metrics_cfg,
     "trainer": validate_trainer_cfg,
+    "classifier": validate_classifier_group_cfg,
 }
 # the groups whose schema lives in this module: their messages name the full key (trainer.steps); the message of
 # any other group's validator is prefixed with the group it came from
@@ -293,6 +300,7 @@ class TypedConfig:
     sampler: SamplerConfig
     metrics: MetricsConfig
     trainer: TrainerConfig
+    classifier: ClassifierGroupConfig
 
 
 def validate_config(cfg: DictConfig) -> TypedConfig:
@@ -310,7 +318,7 @@ def validate_config(cfg: DictConfig) -> TypedConfig:
             f"unknown top-level config key(s): {', '.join(map(str, unknown))}. Allowed: "
             f"{', '.join(sorted(root_keys | set(GROUPS)))}"
         )
-    missing = [g for g in GROUPS if g not in cfg]
+    missing = [g for g in GROUPS if g not in cfg and g not in OPTIONAL_GROUPS]
     if missing:
         raise ConfigError(f"config is missing group(s): {', '.join(missing)}")
     root_part = OmegaConf.create({k: cfg[k] for k in cfg.keys() if k in root_keys})
@@ -324,7 +332,7 @@ def validate_config(cfg: DictConfig) -> TypedConfig:
     groups: dict[str, Any] = {}
     for group in GROUPS:
         try:
-            groups[group] = GROUP_VALIDATORS[group](cfg[group])
+            groups[group] = GROUP_VALIDATORS[group](cfg[group] if group in cfg else None)
         except (ValueError, KeyError, TypeError, OmegaConfBaseException) as exc:
             if isinstance(exc, ConfigError) and group in ROOT_SCHEMA_GROUPS:
                 raise
@@ -333,6 +341,7 @@ def validate_config(cfg: DictConfig) -> TypedConfig:
         check_finite(groups[group], group)
     typed = TypedConfig(root=root, **groups)
     _check_concat_inputs(typed)
+    check_classifier_fits(typed)
     _check_text_inputs(typed)
     return typed
 

@@ -83,6 +83,8 @@ class SamplerConfig:
     image_guidance_scale: float = 0.0
     image_guidance_loss: str = ImageGuidanceLoss.LPIPS.value
     image_guidance_target: str = ImageGuidanceTarget.LOWRES.value
+    # classifier guidance (LDM-8-G, Tab. 10: scale 10) with the classifier of the `classifier` group: 0 = off
+    classifier_scale: float = 0.0
     num_samples: int = MISSING
     batch_size: int = MISSING
     seed: int = 0  # sample i uses seed + i (StackedRandomGenerator)
@@ -154,6 +156,8 @@ def validate_sampler_cfg(cfg: Mapping[str, Any] | DictConfig, num_timesteps: int
     if not c.image_guidance_scale >= 0.0:
         raise ConfigError(f"{path}.image_guidance_scale must be >= 0 (0: no image guidance), got "
                           f"{c.image_guidance_scale}")
+    if not c.classifier_scale >= 0.0:
+        raise ConfigError(f"{path}.classifier_scale must be >= 0 (0: no classifier guidance), got {c.classifier_scale}")
     _enum(ImageGuidanceLoss, c.image_guidance_loss, f"{path}.image_guidance_loss")
     _enum(ImageGuidanceTarget, c.image_guidance_target, f"{path}.image_guidance_target")
     for key in ("num_samples", "batch_size"):

@@ -17,6 +17,8 @@ LDM_RAW = "train_ldm/model.safetensors"
 LDM_META = "train_ldm/meta.json"
 LDM_STATE_DIR = "train_ldm/state"
 LDM_SNAPSHOTS = "train_ldm/snapshots"
+CLASSIFIER_WEIGHTS = "train_classifier/classifier.safetensors"
+CLASSIFIER_META = "train_classifier/classifier.json"
 SAMPLES_DIR = "sample/samples"
 CURVES_DIR = "sample/curves"
 METRICS_FILE = "metrics.json"
@@ -114,6 +116,30 @@ def load_ldm(run_dir: Path, typed: TypedConfig, device: torch.device, weights: s
     load_unet_weights(unet, path)
     meta = read_json(run_dir / LDM_META)
     return unet.to(device).eval().requires_grad_(False), meta
+
+
+def load_classifier(run_dir: Path, typed: TypedConfig, device: torch.device) -> torch.nn.Module:
+    """The train_classifier stage's noisy-latent classifier, in eval mode, fp32 and frozen (guidance takes the
+    gradient with respect to its input only). Refused when it was trained for other classifier settings than the
+    config's (the stage must run again first)."""
+    from replication.config import to_container
+    from replication.models.noisy_classifier import build_noisy_classifier
+
+    group = typed.classifier
+    if not group.enabled:
+        raise ArtifactError("classifier guidance needs a classifier, and the config's classifier group is none")
+    path, meta_path = run_dir / CLASSIFIER_WEIGHTS, run_dir / CLASSIFIER_META
+    if not path.exists() or not meta_path.exists():
+        raise ArtifactError(f"classifier weights {path} are missing: run the train_classifier stage first")
+    trained = read_json(meta_path).get("classifier")
+    if trained != to_container(group):
+        raise ArtifactError(f"{path} was trained with other classifier settings than classifier={group.name} gives "
+                            "now: run the train_classifier stage again (python -m replication.run does)")
+    classifier = build_noisy_classifier(group.model)
+    state = load_tensors(path)
+    check_state_dict_fits(classifier, state, f"classifier weights {path}")
+    classifier.load_state_dict(state)
+    return classifier.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,12 @@ STAGE_DEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train_autoencoder": (("autoencoder", "seed"), ("prepare",)),
     "encode_latents": (("trainer.use_latent_cache",), ("prepare", "train_autoencoder")),
     "train_ldm": (("unet", "diffusion", "trainer", "seed", "conditioning"), ("encode_latents",)),
+    # the noisy-latent classifier of classifier guidance: the cached latents and labels, the trained LDM's
+    # scale_factor, and the diffusion schedule that noises its inputs
+    "train_classifier": (("classifier", "diffusion", "seed"), ("encode_latents", "train_ldm")),
     # the shard size and the sampling precision decide which files hold which images, and their pixels
     "sample": (("sampler", "seed", "curves", "sample_shard_size", "sampling_speed.precision", "conditioning"),
-               ("train_ldm", "train_autoencoder")),
+               ("train_ldm", "train_autoencoder", "train_classifier")),
     "evaluate": (("metrics", "curves", "paper", "paper_protocol", "comparable", "not_comparable_reason"),
                  ("sample", "train_autoencoder")),
     "report": ((), ("evaluate",)),
@@ -48,7 +51,7 @@ DERIVED_STAGES = frozenset({"encode_latents"})
 
 # Stages a run may link from `reuse_from` (their outputs live in their own folder; evaluate and report also write
 # the run's metrics.json and report pages, so they always run for the new name)
-REUSABLE_STAGES = ("prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample")
+REUSABLE_STAGES = ("prepare", "train_autoencoder", "encode_latents", "train_ldm", "train_classifier", "sample")
 
 log = logging.getLogger("replication")
 
@@ -61,13 +64,28 @@ def config_value(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+def _guides_with_classifier(cfg: DictConfig) -> bool:
+    return float(config_value(cfg, "sampler.classifier_scale") or 0.0) > 0.0
+
+
+# (stage, upstream) pairs that hold only when the config uses that upstream: sampling reads the classifier only when
+# it guides with it, so unguided samples depend neither on the classifier stage nor on its (disabled) record
+CONDITIONAL_UPSTREAMS = {("sample", "train_classifier"): _guides_with_classifier}
+
+
+def upstream_stages(stage: str, cfg: DictConfig) -> list[str]:
+    """The upstream stages `stage` reads with this config: those of `STAGE_DEPS`, less a conditional one
+    (`CONDITIONAL_UPSTREAMS`) the config does not use."""
+    return [up for up in STAGE_DEPS[stage][1] if CONDITIONAL_UPSTREAMS.get((stage, up), lambda _: True)(cfg)]
+
+
 def upstream_ids(stage: str, cfg: DictConfig) -> dict[str, Any]:
     """The content ids of `stage`'s upstream stages: what their files hold, not when they ran. A stage whose rerun
     re-made identical files (a forced prepare of the same data) leaves everything downstream valid; one that made
     other files invalidates it."""
     run_dir = run_dir_for(cfg)
     out = {}
-    for up in STAGE_DEPS[stage][1]:
+    for up in upstream_stages(stage, cfg):
         done = run_dir / up / DONE_FILE
         out[f"upstream:{up}"] = stage_content_id(read_json(done)) if done.exists() else None
     return out
@@ -126,7 +144,7 @@ def verify_upstream(stage: str, cfg: DictConfig) -> None:
     this process computed already are not recomputed). A mismatch stops with the files named: the upstream
     stage must be re-made first (`python -m replication.run` does it, since its skip check finds the same)."""
     run_dir = run_dir_for(cfg)
-    for up in STAGE_DEPS[stage][1]:
+    for up in upstream_stages(stage, cfg):
         done = run_dir / up / DONE_FILE
         if not done.exists():
             continue

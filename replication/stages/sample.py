@@ -39,7 +39,8 @@ class Generator:
     """The whole generative chain as one callable: per-sample noise -> sampler -> decode -> uint8 NHWC."""
 
     def __init__(self, unet: torch.nn.Module, first_stage: torch.nn.Module, scale_factor: float, typed: dict[str, Any],
-                 device: torch.device, conditions: Optional[Any] = None, prompts: Optional[list[str]] = None):
+                 device: torch.device, conditions: Optional[Any] = None, prompts: Optional[list[str]] = None,
+                 classifier: Optional[torch.nn.Module] = None):
         from replication.perf import FastForward, FastPath
 
         speed = typed.root.sampling_speed
@@ -61,6 +62,9 @@ class Generator:
         self.schedule = typed.diffusion.make_schedule()
         self.num_classes = num_label_classes(typed)
         self.null_class = typed.diffusion.null_class
+        # classifier guidance (sampler.classifier_scale > 0, LDM-8-G): the noisy-latent classifier, eager fp32 in
+        # eval mode, whatever speed levers the U-Net call has
+        self.classifier = classifier
         ucfg = typed.unet
         # the latent the sampler denoises: the U-Net's output channels (its input may also hold a concatenated
         # condition); U-Net image_size = latent size
@@ -79,10 +83,25 @@ class Generator:
 
         null_tokens = self.tokenizer([""]).to(self.device) if tokens is not None else None
         try:
-            return sampling_denoiser(self.unet_call, labels, self.null_class, guidance_scale, concat=concat,
-                                     tokens=tokens, null_tokens=null_tokens)
+            denoiser = sampling_denoiser(self.unet_call, labels, self.null_class, guidance_scale, concat=concat,
+                                         tokens=tokens, null_tokens=null_tokens)
         except GuidanceError as exc:
             raise StageError(str(exc)) from None
+        return self.guide_by_classifier(denoiser, labels)
+
+    def guide_by_classifier(self, denoiser, labels: Optional[torch.Tensor]):
+        """`denoiser` (after any classifier-free guidance, as the release's DDIM applies its score_corrector) guided
+        toward `labels` by the classifier with sampler.classifier_scale; `denoiser` itself at scale 0."""
+        from replication.diffusion.guidance import classifier_guided
+
+        scale = self.typed.sampler.classifier_scale
+        if scale == 0.0:
+            return denoiser
+        if self.classifier is None or labels is None:
+            raise StageError(f"sampler.classifier_scale={scale:g} guides toward class labels with the trained "
+                             "classifier: " + ("no classifier was given" if self.classifier is None else
+                                               "this model samples without class labels"))
+        return classifier_guided(denoiser, self.classifier, labels, scale, self.schedule)
 
     @torch.no_grad()
     def with_prompts(self, prompts: list[str]) -> "Generator":
@@ -134,8 +153,15 @@ def make_generator(ctx: StageContext, weights: Optional[Path] = None, device: Op
     device = device or ctx.device
     unet, meta = load_ldm(ctx.run_dir, ctx.typed, device, weights=weights)
     first_stage = load_first_stage(ctx.run_dir, ctx.typed, device)
+    classifier = None
+    if ctx.typed.sampler.classifier_scale > 0.0:
+        from replication.stages.artifacts import CLASSIFIER_WEIGHTS, load_classifier
+
+        ctx.record_input(ctx.run_dir / CLASSIFIER_WEIGHTS)
+        classifier = load_classifier(ctx.run_dir, ctx.typed, device)
     return Generator(unet, first_stage, float(meta["scale_factor"]), ctx.typed, device,
-                     conditions=evaluation_conditions(ctx, first_stage, device), prompts=evaluation_prompts(ctx, meta))
+                     conditions=evaluation_conditions(ctx, first_stage, device), prompts=evaluation_prompts(ctx, meta),
+                     classifier=classifier)
 
 
 def evaluation_prompts(ctx: StageContext, meta: dict[str, Any]) -> Optional[list[str]]:
@@ -295,6 +321,11 @@ def _samples_key(ctx: StageContext):
     vocab = ctx.root.conditioning.vocab_path
     if ctx.root.conditioning.kind is ConditioningKind.text and vocab and Path(vocab).is_file():
         base["vocab_sha256"] = file_sha256(Path(vocab))  # the same prompts are other ids under another vocabulary
+    if ctx.typed.sampler.classifier_scale > 0.0:  # the guiding classifier's weights (its stage's content id)
+        cls_done = ctx.run_dir / "train_classifier" / "done.json"
+        base["classifier"] = stage_content_id(read_json(cls_done)) if cls_done.exists() else None
+    else:  # unguided samples do not depend on the classifier setting
+        sampler.pop("classifier_scale")
     return lambda steps, what: sha256_json({**base, "steps": steps, "what": what})
 
 
