@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from replication import preflight
-from replication.config import ConfigError, to_container, validate_config
+from replication.config import GROUPS, ConfigError, to_container, validate_config
 from replication.metrics.reference import ReferenceStats, load_or_compute_reference, stats_nbytes
 from replication.stages.entry import compose
 from replication.utils.io import ArtifactError
@@ -24,7 +24,7 @@ from replication.utils.paths import PathEscapeError, contained, is_plain_name
 from replication.utils.schema import check_range, non_finite_floats
 from pipeline_helpers import REPO, env, paths_overrides
 
-GROUP_NAMES = ("dataset", "autoencoder", "unet", "diffusion", "sampler", "metrics", "trainer")
+GROUP_NAMES = GROUPS
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +100,14 @@ def _set(container, path, value):
 
 def test_every_section_refuses_non_finite_floats(smoke_cfg):
     """Whichever validator a section has, a NaN or an infinity in its floats is refused, naming the key: the first
-    and the last float of every section that has floats (the smoke dataset and metrics sections have none)."""
+    and the last float of every section that has floats (the smoke metrics section has none; the dataset's are the
+    super-resolution crop factors)."""
     typed = validate_config(smoke_cfg)
     base = OmegaConf.to_container(smoke_cfg, resolve=True)
     per_section = {group: [f"{group}.{p}" for p in _float_leaves(to_container(getattr(typed, group)))] for group in GROUP_NAMES}
     per_section["<root>"] = list(_float_leaves(to_container(typed.root)))
-    assert {g for g, paths in per_section.items() if paths} == {"autoencoder", "unet", "diffusion", "sampler",
-                                                                 "trainer", "<root>"}
+    assert {g for g, paths in per_section.items() if paths} == {"dataset", "autoencoder", "unet", "diffusion",
+                                                                 "sampler", "trainer", "classifier", "<root>"}
     bad_values = iter([math.nan, math.inf, -math.inf] * 10)
     for paths in per_section.values():
         for path in {paths[0], paths[-1]} if paths else ():
