@@ -89,8 +89,8 @@ def _float_leaves(obj, path=""):
 def _set(container, path, value):
     keys = path.replace("[", ".").replace("]", "").split(".")
     node = container
-    for k in keys[:-1]:
-        node = node[int(k)] if isinstance(node, list) else node[k]
+    for k in keys[:-1]:  # a section the YAML leaves to its schema default is written out
+        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
     last = keys[-1]
     if isinstance(node, list):
         node[int(last)] = value
