@@ -65,6 +65,14 @@ class Generator:
         # classifier guidance (sampler.classifier_scale > 0, LDM-8-G): the noisy-latent classifier, eager fp32 in
         # eval mode, whatever speed levers the U-Net call has
         self.classifier = classifier
+        # image guiding (Tab. 5/11 "guiding" rows, paper App. C): the guider's loss on the decoded x0 prediction
+        s = typed.sampler
+        self.guide_loss = None
+        if s.image_guidance_scale > 0:
+            from replication.diffusion.guidance import build_guide_loss
+
+            self.guide_loss = build_guide_loss(s.image_guidance_loss, typed.metrics.lpips_vgg_weights,
+                                               typed.metrics.allow_standin, device)
         ucfg = typed.unet
         # the latent the sampler denoises: the U-Net's output channels (its input may also hold a concatenated
         # condition); U-Net image_size = latent size
@@ -102,6 +110,18 @@ class Generator:
                              "classifier: " + ("no classifier was given" if self.classifier is None else
                                                "this model samples without class labels"))
         return classifier_guided(denoiser, self.classifier, labels, scale, self.schedule)
+
+    def guide_by_image(self, denoiser, inputs: Optional[dict[str, Any]]):
+        """`denoiser` guided toward consistency with each sample's low-resolution input (sampler.image_guidance_*);
+        `denoiser` itself when image guidance is off."""
+        if self.guide_loss is None:
+            return denoiser
+        from replication.diffusion.guidance import image_guided, superres_guide
+
+        s = self.typed.sampler
+        guide = superres_guide(self.guide_loss, inputs["lowres"].to(self.device), s.image_guidance_target)
+        return image_guided(denoiser, self.first_stage.decode, guide, s.image_guidance_scale, self.schedule,
+                            self.scale_factor)
 
     @torch.no_grad()
     def with_prompts(self, prompts: list[str]) -> "Generator":
@@ -141,8 +161,8 @@ class Generator:
         inputs = self.conditions.inputs(indices) if self.conditions is not None else None
         concat = self.conditions.concat(inputs) if inputs is not None else None
         tokens = self.tokens(indices, captions) if self.tokenizer is not None else None
-        result = run_sampler(sampler, self.denoiser(y, sampler.guidance_scale, concat, tokens=tokens), x_T, self.schedule,
-                             rng=rng, progress=progress)
+        denoiser = self.guide_by_image(self.denoiser(y, sampler.guidance_scale, concat, tokens=tokens), inputs)
+        result = run_sampler(sampler, denoiser, x_T, self.schedule, rng=rng, progress=progress)
         x = self.first_stage.decode(result.x / self.scale_factor)
         if inputs is not None:
             x = self.conditions.finish(inputs, x)
