@@ -438,7 +438,14 @@ def _check_concat_inputs(typed: TypedConfig) -> None:
         task_conditions(cond, downsampling_factor(typed.autoencoder))
     except ConditionError as exc:
         raise ConfigError(str(exc)) from None
-    if typed.trainer.use_latent_cache and not typed.trainer.pretrained and "train_ldm" in typed.root.stages:
+
+
+def check_concat_training(typed: TypedConfig) -> None:
+    """A concat-conditioned LDM trains on a fresh condition per visit (a new degradation or mask) made from the
+    image, so it cannot train on cached latents. Checked by the pipeline's preflight and by train_ldm itself; loading
+    such a model for inference does not care."""
+    kind = typed.root.conditioning.kind
+    if kind in CONCAT_KINDS and typed.trainer.use_latent_cache and not typed.trainer.pretrained:
         raise ConfigError(f"conditioning.kind={kind.value} trains on a fresh condition per visit (a new degradation "
                           "or mask), made from the image: set trainer.use_latent_cache=false")
 

@@ -249,8 +249,12 @@ def describe(needs: list[Need]) -> str:
 
 
 def preflight(typed: TypedConfig, out=None) -> list[Need]:
-    """Writable output folders first, then the disk estimate printed (to `out`, default stderr; by the first process
-    only under torchrun) and checked."""
+    """Settings the stages would refuse first, then writable output folders, then the disk estimate printed (to `out`,
+    default stderr; by the first process only under torchrun) and checked."""
+    from replication.config import check_concat_training
+
+    if "train_ldm" in typed.root.stages:
+        check_concat_training(typed)
     check_output_roots(typed)
     needs = estimate_disk_needs(typed)
     if needs and os.environ.get("RANK", "0") == "0":

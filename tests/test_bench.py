@@ -433,9 +433,9 @@ def test_the_sample_row_samples_with_the_sample_stages_denoiser(monkeypatch):
     built = []
     real = denoiser_module.sampling_denoiser
 
-    def recorded(call, labels, null_class, guidance_scale):
+    def recorded(call, labels, null_class, guidance_scale, **conditions):
         built.append((labels.tolist(), null_class, guidance_scale))
-        return real(call, labels, null_class, guidance_scale)
+        return real(call, labels, null_class, guidance_scale, **conditions)
 
     monkeypatch.setattr(denoiser_module, "sampling_denoiser", recorded)
     s = BenchSettings(device=torch.device("cpu"), batch=2, sample_batch=4, ae_batch=1, feature_batch=1, iters=1,

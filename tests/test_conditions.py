@@ -113,7 +113,6 @@ def test_unknown_options_and_sizes_are_refused_by_name():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["experiment=smoke_sr", "trainer.use_latent_cache=true"], "use_latent_cache=false"),
     (["experiment=smoke_sr", "conditioning.sr_factor=2"], "multiple of the autoencoder.s downsampling factor f=4"),
     (["experiment=smoke_sr", "conditioning.degradation=bicubik"], "bicubik"),
     (["experiment=smoke_inpaint", "conditioning.mask_config=wide"], "wide"),
@@ -122,6 +121,17 @@ def test_unknown_options_and_sizes_are_refused_by_name():
 def test_config_checks_name_the_setting(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(compose(overrides))
+
+
+def test_training_a_concat_model_on_cached_latents_is_refused_before_any_stage(tmp_path):
+    from replication.preflight import preflight
+
+    typed = validate_config(compose(["experiment=smoke_sr", "trainer.use_latent_cache=true"]))  # loads for inference
+    with pytest.raises(ConfigError, match="set trainer.use_latent_cache=false"):
+        preflight(typed)
+    sample_only = validate_config(compose(["experiment=smoke_sr", "trainer.use_latent_cache=true",
+                                           f"runs_root={tmp_path}", "stages=[sample]"]))
+    preflight(sample_only)  # nothing trains: nothing to refuse
 
 
 def test_task_experiments_build_their_conditions():

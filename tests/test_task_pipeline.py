@@ -115,7 +115,7 @@ def test_both_task_experiments_run_through_dvc_repro(task_runs, tmp_path):
         assert (repo / "runs" / name / "train_ldm" / "ema.safetensors").read_bytes() == data
         train = json.loads((repo / "runs" / name / "train_ldm" / "done.json").read_text())["result"]
         assert train["resumed_from"] == train["steps"]
-        assert (repo / "runs" / name / "metrics.json").exists() and (repo / "reports" / f"{name}.md").exists()
+        assert (repo / "runs" / name / "metrics.json").exists() and (repo / "runs" / "reports" / f"{name}.md").exists()
 
 
 def test_image_guided_sampling_moves_samples_toward_their_low_resolution_inputs(task_runs, tmp_path):

@@ -190,6 +190,12 @@ def _body(ctx: StageContext) -> dict[str, Any]:
     typed, trainer, diffusion = ctx.typed, ctx.typed.trainer, ctx.typed.diffusion
     if trainer.pretrained:
         return _import_pretrained(ctx)
+    from replication.config import ConfigError, check_concat_training
+
+    try:
+        check_concat_training(typed)
+    except ConfigError as exc:
+        raise StageError(str(exc)) from None
     dist = init_distributed(ctx.device)
     device = local_device(ctx.device, dist)
     first_stage = load_first_stage(ctx.run_dir, typed, device)
