@@ -116,6 +116,26 @@ def test_discriminator_start_counts_optimizer_steps(tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(loss_fn.discriminator_parameters(), d_start))
 
 
+def test_before_disc_start_the_discriminator_never_runs_but_its_adam_counts_every_step(tmp_path):
+    """Before disc_start the discriminator's loss is 0 * hinge: no pass of it runs, its weights stay, and its Adam
+    has stepped once per optimizer step on zero gradients (the bias correction the GAN then starts with); from
+    disc_start on it runs and learns."""
+    from replication.training.checkpoint import load_resumable_state
+
+    model, loss_fn = _build(_cfg(disc_start=3))
+    d_start = [p.detach().clone() for p in loss_fn.discriminator_parameters()]
+    calls = []
+    loss_fn.discriminator.register_forward_hook(lambda *_: calls.append(1))
+    _train(tmp_path / "a", model, loss_fn, steps=3, accumulate=2)
+    assert calls == [] and all(torch.equal(p, q) for p, q in zip(loss_fn.discriminator_parameters(), d_start))
+    adam = load_resumable_state(tmp_path / "a", None)["opt_d"]["state"]
+    assert len(adam) == len(d_start) and {float(s["step"]) for s in adam.values()} == {3.0}
+    assert all(float(s["exp_avg"].abs().max()) == 0.0 for s in adam.values())
+    _train(tmp_path / "a", model, loss_fn, steps=4, accumulate=2)  # resumes at step 3: one GAN step
+    assert len(calls) == 2 * 3  # per micro-batch: the generator's GAN term, then D's real and fake logits
+    assert any(not torch.equal(p, q) for p, q in zip(loss_fn.discriminator_parameters(), d_start))
+
+
 def test_logged_loss_is_the_micro_batch_mean_and_bad_values_are_refused(tmp_path):
     records: list[dict] = []
     cfg = _cfg(disc_start=1000)
@@ -153,7 +173,8 @@ def test_each_step_logs_its_own_losses_read_one_step_late(tmp_path):
     for r in logged:
         assert r["loss"] == pytest.approx(r["total_loss"], rel=1e-6, abs=1e-7)
         assert r["disc_factor"] == (1.0 if r["step"] > 2 else 0.0)  # optimizer steps 0, 1 before disc_start 2
-        assert {"disc_loss", "logits_real", "rec_loss", "quant_loss"} <= set(r)
+        assert {"disc_loss", "rec_loss", "quant_loss"} <= set(r)
+        assert ("logits_real" in r) == (r["step"] > 2)  # the discriminator runs from disc_start on
     assert len({r["loss"] for r in logged}) == 4 and summary["last_loss"] == logged[-1]["loss"]
 
 
