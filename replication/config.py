@@ -106,6 +106,7 @@ class PaperProtocol:
     steps: Optional[int] = None
     eta: Optional[float] = None
     guidance_scale: Optional[float] = None
+    classifier_scale: Optional[float] = None  # classifier guidance (Tab. 10 LDM-8-G: 10)
     feature_extractor: Optional[str] = None
     pr_protocol: Optional[str] = None
     reference_set: Optional[str] = None

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 # Display order of the protocol keys the evaluate stage writes; other keys follow alphabetically.
 PROTOCOL_ORDER = (
-    "num_samples", "sampler", "steps", "steps_run", "eta", "ddim_spacing", "guidance_scale", "ema",
+    "num_samples", "sampler", "steps", "steps_run", "eta", "ddim_spacing", "guidance_scale", "classifier_scale", "ema",
     "evaluator", "feature_extractor", "pr_protocol", "pr_reference_images", "reference_set", "reference_images",
     "preprocessing_hash", "train_steps", "train_global_batch", "train_lr", "train_precision", "autoencoder",
 )

@@ -158,6 +158,10 @@ def _evaluate_ldm(ctx: StageContext) -> dict[str, Any]:
     protocol = {**res["protocol"], "sampler": str(sampler.kind), "steps": sampler.steps,
                 "steps_run": _steps_run(ctx, sampler.steps), "eta": sampler.eta, "ddim_spacing": sampler.spacing,
                 "guidance_scale": sampler.guidance_scale if ctx.root.conditioning.kind.value != "none" else None,
+                "classifier_scale": sampler.classifier_scale or None,
+                "image_guidance": (f"scale {sampler.image_guidance_scale:g}, {sampler.image_guidance_loss} guider "
+                                   f"against the {sampler.image_guidance_target} input"
+                                   if sampler.image_guidance_scale > 0 else None),
                 "ema": bool(ldm_meta.get("ema")), "train_steps": ldm_meta.get("steps"),
                 "train_precision": ldm_meta.get("precision", "imported" if ldm_meta.get("imported") else None),
                 **_training_batch(ldm_meta),
