@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline_helpers import REPO, env, paths_overrides, read_jsonl, run_module
+from pipeline_helpers import env, git_copy_of_repo, paths_overrides, read_jsonl, run_module
 
 pytestmark = pytest.mark.e2e
 STAGES = ["prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample", "evaluate", "report"]
@@ -102,28 +102,13 @@ def test_mistyped_override_fails_with_key_name():
     assert proc.returncode != 0 and "stepz" in (proc.stderr + proc.stdout)
 
 
-def _copy_repo(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("runs/", "tests/")):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-
-
 def test_dvc_repro_after_a_run_keeps_the_training_in_a_copy(finished_smoke, tmp_path):
     """A finished `python -m replication.run` (the session's, copied into the tree), then `dvc repro` in the same
     tree (a fresh clone has no dvc.lock, so DVC reruns every stage with force=[stage]): the re-made data are
     identical, so both trainings are kept (resumed at their last step, nothing moved to state.stale) and the samples
     are verified and kept."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _copy_repo(repo)
+    repo = git_copy_of_repo(tmp_path / "repo")
     e = env()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=e)
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=e)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], cwd=repo, check=True, env=e)
     shutil.copytree(finished_smoke / "runs", repo / "runs", symlinks=True)
     run_dir = repo / "runs" / "smoke"
     kept = {p: p.read_bytes() for p in [run_dir / "train_ldm" / "ema.safetensors",

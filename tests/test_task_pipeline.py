@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_helpers import env, paths_overrides, run_module
+from pipeline_helpers import env, git_copy_of_repo, paths_overrides, run_module
 
 pytestmark = pytest.mark.e2e
 
@@ -95,16 +95,8 @@ def test_inpainting_keeps_the_known_pixels_and_bins_every_image(task_runs):
 def test_both_task_experiments_run_through_dvc_repro(task_runs, tmp_path):
     """`dvc repro` of the two chains in a copy of the repository holding the finished runs: every stage runs under
     DVC, the trainings resume at their end (nothing trained again), and the metrics and pages are written."""
-    from test_pipeline import _copy_repo
-
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _copy_repo(repo)
+    repo = git_copy_of_repo(tmp_path / "repo")
     e = env()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=e)
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=e)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], cwd=repo, check=True,
-                   env=e)
     shutil.copytree(task_runs / "runs", repo / "runs", symlinks=True)
     weights = {name: (repo / "runs" / name / "train_ldm" / "ema.safetensors").read_bytes()
                for name in ("smoke_sr", "smoke_inpaint")}
